@@ -1,0 +1,20 @@
+"""mubench_probe: what a vision-language model really sees in microscopy images.
+
+Extract once (`extract`), evaluate everything from the store alone.
+"""
+
+from .api import (
+                  DEFAULT_STORE,
+                  MUBENCH_ID,
+                  MUBENCH_MODELS,
+                  extract,
+                  open_dataset,
+                  open_store,
+                  store_info,
+                  verify_store,
+)
+from .errors import ProbeError
+
+__version__ = "0.1.0"
+__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "ProbeError", "extract", "open_dataset",
+           "open_store", "store_info", "verify_store"]

@@ -1,0 +1,200 @@
+"""The `probe` command line: parses arguments, calls the public API, prints, exits.
+
+Nothing below this layer prints or exits; every ProbeError becomes one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from . import api
+from .errors import ProbeError
+
+app = typer.Typer(
+    help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr store directory.")]
+
+
+def friendly(fn: F) -> F:
+    """Turn package errors and Ctrl-C into one-line messages with meaningful exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProbeError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: finished chunks are saved; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} img/s" if speed else "– img/s", style="cyan")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+
+
+@app.command()
+@friendly
+def extract(
+    model: Annotated[list[str] | None, typer.Option("--model", "-m",
+                     help="Model spec; repeat for several. Default: the μ-Bench contrastive models.")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, "
+                                         "parquet/arrow or save_to_disk folder.")] = api.MUBENCH_ID,
+    split: Annotated[str | None, typer.Option(help="Dataset split (μ-Bench: test).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (μ-Bench is pinned).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
+    store: StoreOpt = api.DEFAULT_STORE,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).",
+                                         min=0)] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
+    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the resume unit).", min=1)] = 256,
+    features: Annotated[bool, typer.Option(help="Also store pre-projection features.")] = False,
+    intensity: Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")]
+        = "percentile",
+    templates: Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")]
+        = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard a group extracted differently.")] = False,
+) -> None:
+    """Embed a dataset with one or more models into the store (resumable)."""
+    models = model or list(api.MUBENCH_MODELS)
+    ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit)
+    err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}")
+    for spec in models:
+        with _progress() as bar:
+            task = bar.add_task(spec, total=len(ds))
+            report = api.extract(
+                spec, ds, store=store, batch_size=batch_size, num_workers=workers, device=device,
+                precision=precision, dtype=dtype, chunk_rows=chunk_rows, features=features,
+                intensity=intensity, templates=templates, overwrite=overwrite,
+                progress=lambda n, t=task: bar.advance(t, n),
+            )
+        msg = (f"{spec}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
+               f"{report.texts_encoded} texts encoded")
+        if report.rows:
+            msg += f", {report.images_per_second:.1f} img/s"
+        out.print(msg, highlight=False)
+        for row, reason in sorted(report.failures.items())[:10]:
+            err.print(f"  skipped row {row}: {reason}", highlight=False)
+        if len(report.failures) > 10:
+            err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
+
+
+@app.command()
+@friendly
+def info(
+    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    verify: Annotated[bool, typer.Option(help="Read every chunk and check its checksum.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Models, datasets, rows, completeness, provenance and size of a store."""
+    summary = api.store_info(store, verify=verify)
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+    else:
+        table = Table(title=f"{store}  ({summary['size_bytes'] / 1e6:.1f} MB)")
+        for col in ("model", "dataset", "split", "rows", "chunks", "texts", "failed", "status", "MB"):
+            table.add_column(col)
+        for r in summary["runs"]:
+            table.add_row(r["model"], r["dataset"], r["split"], str(r["rows"]), r["chunks_done"],
+                          str(r["texts"]), str(r["failed_rows"]),
+                          "complete" if r["complete"] else str(r["status"]), f"{r['size_bytes'] / 1e6:.2f}")
+        out.print(table)
+        for r in summary["runs"]:
+            p = r["provenance"]
+            out.print(f"[bold]{r['group']}[/]: weights {str(p.get('weights_hash'))[:12]}, "
+                      f"dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
+                      f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}, created {p.get('created')}",
+                      highlight=False)
+            out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False)
+    if verify:
+        problems = summary["problems"]
+        for line in problems:
+            err.print(f"[red]corrupt:[/] {line}", highlight=False)
+        if problems:
+            raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
+        err.print("verify: every chunk matches its checksum")
+
+
+@app.command()
+@friendly
+def verify(store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE) -> None:
+    """Check every chunk's checksum (same as `probe info --verify`, without the table)."""
+    problems = api.verify_store(store)
+    for line in problems:
+        err.print(f"[red]corrupt:[/] {line}", highlight=False)
+    if problems:
+        raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
+    out.print("every chunk matches its checksum")
+
+
+@app.command()
+@friendly
+def models(
+    all_tags: Annotated[bool, typer.Option("--all", help="List every open_clip tag.")] = False,
+) -> None:
+    """Model spec forms each backend takes, with examples."""
+    for b in api.list_backends():
+        out.print(f"[bold]{b.name}[/]: {b.help}", highlight=False)
+        for ex in b.examples:
+            out.print(f"  {ex}", highlight=False)
+    if all_tags:
+        for spec in api.list_open_clip_specs():
+            out.print(spec, highlight=False)
+
+
+@app.command()
+@friendly
+def datasets() -> None:
+    """Dataset spec forms, in the order they are tried."""
+    for f in api.list_dataset_formats():
+        out.print(f"[bold]{f.name}[/]: {f.help}", highlight=False)
+
+
+def main() -> None:
+    logging.getLogger().setLevel(logging.ERROR)
+    app(prog_name="probe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""open_clip models: zoo tags, `hf-hub:` repos, local checkpoints and seeded random init."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelUnavailableError
+from .base import Encoder, EncoderInfo, weights_hash
+
+RANDOM_SEED = 0
+_registered = False
+
+
+def register_bundled_configs() -> None:
+    """Make the package's tiny test architectures (e.g. `mubench-tiny-vit`) known to open_clip."""
+    global _registered
+    if not _registered:
+        from importlib import resources
+
+        import open_clip
+
+        open_clip.add_model_config(Path(str(resources.files("mubench_probe") / "data" / "model_configs")))
+        _registered = True
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """`hf-hub:ORG/NAME` -> (spec, None); `ARCH:TAG|PATH|random` -> (ARCH, TAG)."""
+    if spec.startswith("hf-hub:"):
+        return spec, None
+    arch, sep, tag = spec.partition(":")
+    if not sep or not arch or not tag:
+        raise ModelUnavailableError(
+            f"model spec {spec!r} is not ARCH:PRETRAINED, ARCH:/path/to/weights, ARCH:random or "
+            "hf-hub:ORG/NAME (see `probe models`)"
+        )
+    return arch, tag
+
+
+def _help(spec: str) -> str:
+    return (
+        f"could not load weights for {spec!r}. Without network access, download the weights "
+        "elsewhere and pass them as ARCH:/path/to/weights (e.g. ViT-B-32:/data/open_clip_model.bin); "
+        "`probe models` lists architectures and tags"
+    )
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, spec: str, device: torch.device, precision: str = "fp32") -> None:
+        import open_clip
+
+        register_bundled_configs()
+        self.device, self.precision = device, precision
+        name, tag = parse_spec(spec)
+        if tag is not None and name not in open_clip.list_models():
+            raise ModelUnavailableError(
+                f"unknown open_clip architecture {name!r} in {spec!r}; `probe models` lists them"
+            )
+        pretrained: str | None = tag
+        tried = f"open_clip tag {tag!r}"
+        if tag == "random":
+            pretrained, tried = None, "random init"
+        elif tag is not None and (Path(tag).expanduser().exists() or "/" in tag or tag.startswith(".")):
+            path = Path(tag).expanduser()
+            if not path.is_file():
+                raise ModelUnavailableError(f"checkpoint file {path} does not exist")
+            pretrained, tried = str(path), f"local checkpoint {path}"
+        elif tag is None:
+            tried = "the Hugging Face Hub"
+        try:
+            torch.manual_seed(RANDOM_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(name)
+        except ModelUnavailableError:
+            raise
+        except Exception as exc:  # download, auth, bad tag, bad checkpoint: one clear message
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelUnavailableError(f"{_help(spec)} (tried {tried}: {first})") from exc
+        model.eval()
+        self.model = model.to(device)
+        self.transform = preprocess
+        self.tokenizer = tokenizer
+        ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None)
+        with torch.inference_mode():
+            size = getattr(self.model.visual, "image_size", 224)
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            probe = torch.zeros(1, 3, *size)
+            dim = int(self.model.encode_image(probe.to(device)).shape[-1])
+        visual = self.model.visual
+        proj = getattr(visual, "proj", None)
+        self._proj = proj if isinstance(proj, torch.nn.Parameter) else None
+        self.info = EncoderInfo(
+            spec=spec,
+            backend="open_clip",
+            has_text=True,
+            embed_dim=dim,
+            weights_hash=weights_hash(self.model),
+            preprocess=repr(preprocess),
+            tokenizer=f"{type(tokenizer).__name__}",
+            context_length=int(ctx) if ctx else None,
+            feature_dim=int(self._proj.shape[0]) if self._proj is not None else None,
+        )
+
+    def _images(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not features:
+            return self.model.encode_image(x), None
+        if self._proj is None:
+            raise ModelUnavailableError(
+                f"pre-projection features are supported for ViT towers only, not {self.info.spec}"
+            )
+        # Run the tower without its projection, then apply it: exactly encode_image's output.
+        visual = self.model.visual
+        visual.proj = None
+        try:
+            feat = visual(x)
+        finally:
+            visual.proj = self._proj
+        return feat @ self._proj, feat
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+                out.append(self.model.encode_text(tokens).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.info.embed_dim), dtype=np.float32)
+        return np.concatenate(out)
+
+
+def list_specs() -> list[str]:
+    """Every `ARCH:TAG` the installed open_clip knows, plus the μ-Bench hub models."""
+    import open_clip
+
+    register_bundled_configs()
+    return [f"{a}:{t}" for a, t in open_clip.list_pretrained()]

@@ -1,0 +1,43 @@
+"""One exception hierarchy: the CLI turns any ProbeError into a one-line message and exit code."""
+
+from __future__ import annotations
+
+
+class ProbeError(Exception):
+    """Base class for every error a user can cause (bad path, model, data, store)."""
+
+    exit_code = 1
+
+
+class UsageError(ProbeError):
+    """Arguments that cannot work together or are out of range."""
+
+    exit_code = 2
+
+
+class ModelUnavailableError(ProbeError):
+    """A model spec that names no known backend, or weights that cannot be loaded."""
+
+
+class DatasetUnavailableError(ProbeError):
+    """A dataset spec that cannot be resolved or read."""
+
+
+class ImageDecodeError(ProbeError):
+    """One image could not be decoded; extraction records it and moves on."""
+
+
+class StoreError(ProbeError):
+    """A store that is missing, corrupt, or does not hold what was asked for."""
+
+
+class ProvenanceMismatchError(StoreError):
+    """Extracting into a group built from other weights, preprocessing or data."""
+
+
+class CorruptChunkError(StoreError):
+    """A chunk whose checksum does not match: data were damaged on disk."""
+
+
+class NotApplicableError(ProbeError):
+    """A head needs something this model or dataset does not have (e.g. text for an image-only model)."""
