@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend, load_encoder
 from .encoders.openclip import list_specs
-from .extract import ExtractReport, ProgressFn, prepare, run_extraction
+from .evaluation import EvaluationResult, Unit, evaluate_store, summary
+from .extraction import ExtractReport, ProgressFn, prepare, run_extraction
 from .imaging import get_policy
+from .protocol import HEADS, EvalConfig
 from .store import DEFAULT_STORE, EmbeddingStore, describe
 from .tasks import read_templates
 
-__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "extract", "list_backends",
-           "list_dataset_formats", "list_open_clip_specs", "open_dataset", "open_store", "store_info",
-           "verify_store"]
+__all__ = [
+    "DEFAULT_STORE",
+    "HEADS",
+    "MUBENCH_ID",
+    "MUBENCH_MODELS",
+    "EvalConfig",
+    "evaluate",
+    "extract",
+    "list_backends",
+    "list_dataset_formats",
+    "list_open_clip_specs",
+    "open_dataset",
+    "open_store",
+    "store_info",
+    "summary",
+    "verify_store",
+]
 
 
 def open_dataset(spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None,
@@ -83,3 +99,23 @@ def list_open_clip_specs() -> list[str]:
 
 def list_dataset_formats() -> list[DatasetFormat]:
     return list(FORMATS)
+
+
+def evaluate(
+    store: str | Path | EmbeddingStore = DEFAULT_STORE,
+    config: EvalConfig | None = None,
+    *,
+    models: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    templates: str | Path | Sequence[str] | None = None,
+    results_dir: str | Path | None = None,
+    force: bool = False,
+    jobs: int = 1,
+    progress: Callable[[Unit, int, int], None] | None = None,
+) -> EvaluationResult:
+    """Score every head on every task from the store alone (never loads a model or an image)."""
+    tmpl = None
+    if templates is not None:
+        tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+    return evaluate_store(store, config, models=models, tasks=tasks, templates=tmpl, results_dir=results_dir,
+                          force=force, jobs=jobs, progress=progress)

@@ -120,6 +120,81 @@ def extract(
             err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
 
 
+def _fmt(cell: Any) -> str:
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        return "–"
+    value, lo, hi = cell
+    if lo != lo:  # no CI (NaN)
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.2f},{hi:.2f}]"
+
+
+@app.command()
+@friendly
+def evaluate(
+    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", "-t",
+                    help="Only tasks matching (e.g. 'fine/*', 'coarse/modality', 'mubench').")] = None,
+    head: Annotated[list[str] | None, typer.Option("--head", help="Heads: " + ", ".join(api.HEADS))] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder "
+                       "(default: results/<store name>).")] = None,
+    folds: Annotated[int, typer.Option(help="k for stratified k-fold.", min=2)] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for folds, few-shot draws and bootstrap.")] = 0,
+    protocol: Annotated[str, typer.Option(help="kfold, or split (the dataset's split column).")] = "kfold",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0 = none).", min=0)] = 1000,
+    shots: Annotated[str, typer.Option(help="Few-shot k per class, comma-separated.")] = "1,2,4,8,16",
+    fewshot_seeds: Annotated[int, typer.Option(help="Few-shot draws per k.", min=1)] = 5,
+    knn_k: Annotated[str, typer.Option("--knn-k", help="k values for kNN, comma-separated.")] = "1,5,10,20",
+    templates: Annotated[Path | None, typer.Option(help="Prompt templates file (must be extracted).")] = None,
+    caption_templates: Annotated[str, typer.Option(help="μ-Bench captions: both, 0 or 1.")] = "both",
+    pooling: Annotated[str, typer.Option(help="μ-Bench coarse/fine pooling: micro or macro.")] = "micro",
+    exclude_dataset: Annotated[list[str] | None, typer.Option(help="Source datasets to leave out "
+                               "of the μ-Bench caption scores.")] = None,
+    jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
+    force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
+) -> None:
+    """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
+    cfg = api.EvalConfig(
+        heads=tuple(head) if head else api.HEADS, folds=folds, seed=seed, protocol=protocol,
+        n_boot=bootstrap, shots=_ints(shots), fewshot_seeds=fewshot_seeds, ks=_ints(knn_k),
+        caption_templates=caption_templates, pooling=pooling, exclude_datasets=tuple(exclude_dataset or ()),
+    )
+    results = out_dir or Path("results") / store.name.removesuffix(".zarr")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        units = bar.add_task("evaluate", total=None)
+
+        def tick(unit: Any, done: int, total: int) -> None:
+            bar.update(units, completed=done, total=total,
+                       description=f"{unit.run.model_spec} {unit.task_name}")
+
+        res = api.evaluate(store, cfg, models=model, tasks=task, templates=templates, results_dir=results,
+                           force=force, jobs=jobs, progress=tick)
+    table = Table(title=f"{store} -> {results}  (value [95% CI])")
+    summ = api.summary(res.table)
+    cols = [c for c in summ.columns if c not in ("model", "task") and summ[c].notna().any()]
+    for c in ("model", "task", *cols):
+        table.add_column(c, overflow="fold")
+    for _, r in summ.iterrows():
+        table.add_row(r["model"], r["task"], *[_fmt(r[c]) for c in cols])
+    out.print(table)
+    for note in sorted(set(res.notes)):
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    out.print(f"{res.computed} units computed, {res.skipped} already in {results}; "
+              f"results.parquet, results.csv, predictions.parquet, run.json", highlight=False, soft_wrap=True)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ProbeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ProbeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 @app.command()
 @friendly
 def info(
@@ -134,7 +209,7 @@ def info(
     else:
         table = Table(title=f"{store}  ({summary['size_bytes'] / 1e6:.1f} MB)")
         for col in ("model", "dataset", "split", "rows", "chunks", "texts", "failed", "status", "MB"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for r in summary["runs"]:
             table.add_row(r["model"], r["dataset"], r["split"], str(r["rows"]), r["chunks_done"],
                           str(r["texts"]), str(r["failed_rows"]),
@@ -145,8 +220,9 @@ def info(
             out.print(f"[bold]{r['group']}[/]: weights {str(p.get('weights_hash'))[:12]}, "
                       f"dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
                       f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}, created {p.get('created')}",
-                      highlight=False)
-            out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False)
+                      highlight=False, soft_wrap=True)
+            out.print(f"  model: {p.get('model_spec')}", highlight=False, soft_wrap=True)
+            out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
     if verify:
         problems = summary["problems"]
         for line in problems:

@@ -166,5 +166,17 @@ def to_rgb(arr: np.ndarray, policy: IntensityPolicy) -> Image.Image:
 
 
 def load_rgb(data: bytes, policy: IntensityPolicy) -> Image.Image:
-    """Bytes to RGB image through the policy; raises ImageDecodeError for unreadable data."""
+    """Bytes to RGB image through the policy; raises ImageDecodeError for unreadable data.
+
+    8-bit RGB and grayscale images (most JPEG/PNG files) take a fast path that skips the NumPy
+    round trip; every policy leaves uint8 data unchanged, so the result is the same.
+    """
+    if data[:4] not in _TIFF_MAGIC:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.mode in ("RGB", "L"):
+                    im.load()
+                    return im if im.mode == "RGB" else im.convert("RGB")
+        except Exception as exc:  # unreadable: same error as the general path
+            raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return to_rgb(decode_bytes(data), policy)

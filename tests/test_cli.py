@@ -1,0 +1,63 @@
+import pytest
+from typer.testing import CliRunner
+
+from mubench_probe.cli import app
+
+from .conftest import TINY
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_extract_and_info_on_the_sample(tmp_path):
+    store = str(tmp_path / "s.zarr")
+    r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "40", "--store", store,
+             "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert "2 chunks written" not in r.output and "1 chunks written" in r.output
+    r = _run("info", store, "--verify")
+    assert r.exit_code == 0, r.output
+    assert "model: mubench-tiny-vit:random" in r.output and "every chunk matches" in r.output
+    r = _run("info", store, "--json")
+    assert r.exit_code == 0 and '"complete": true' in r.output
+    r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "40", "--store", store)
+    assert r.exit_code == 0 and "0 chunks written, 1 already done" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle", "code"),
+    [
+        (["extract", "--dataset", "/no/such/folder", "--model", TINY], "cannot tell what dataset", 1),
+        (["extract", "--dataset", "sample", "--model", "NoSuchArch:random"], "unknown open_clip architecture", 1),
+        (["extract", "--dataset", "sample", "--model", "bogus"], "no backend takes model spec", 1),
+        (["extract", "--dataset", "sample", "--model", "ViT-B-32:/no/weights.pt"], "does not exist", 1),
+        (["extract", "--dataset", "sample", "--model", "ViT-B-32:laion2b_s34b_b79k"], "ARCH:/path/to/weights", 1),
+        (["extract", "--dataset", "sample", "--model", "hf-hub:wisdomik/QuiltNet-B-32"], "could not load weights", 1),
+        (["extract", "--dataset", "sample", "--model", TINY, "--intensity", "gamma"], "unknown intensity", 2),
+        (["extract", "--dataset", "sample", "--model", TINY, "--device", "cuda"], "no CUDA GPU", 2),
+        (["extract", "--dataset", "sample", "--model", TINY, "--templates", "/no/file.txt"], "does not exist", 2),
+        (["info", "/no/store.zarr"], "no store at", 1),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(args, needle, code, tmp_path):
+    r = _run(*args, *(["--store", str(tmp_path / "s.zarr")] if args[0] == "extract" else []))
+    assert r.exit_code == code, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_verify_reports_damage_with_exit_code(tiny_store_copy):
+    chunk = tiny_store_copy / "mubench-tiny-vit_random/sample/test/image_emb/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    r = _run("verify", str(tiny_store_copy))
+    assert r.exit_code == 1 and "image_emb chunk 0.0" in r.output and "Traceback" not in r.output
+
+
+def test_models_and_datasets_list(tmp_path):
+    r = _run("models")
+    assert r.exit_code == 0 and "hf-hub:microsoft/BiomedCLIP" in r.output and "efficientnet-lite0" in r.output
+    r = _run("datasets")
+    assert r.exit_code == 0 and "sample" in r.output and "csv" in r.output
