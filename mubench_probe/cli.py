@@ -126,7 +126,7 @@ def _fmt(cell: Any) -> str:
     value, lo, hi = cell
     if lo != lo:  # no CI (NaN)
         return f"{value:.3f}"
-    return f"{value:.3f} [{lo:.2f},{hi:.2f}]"
+    return f"{value:.3f}\n[{lo:.2f},{hi:.2f}]"
 
 
 @app.command()
@@ -171,14 +171,16 @@ def evaluate(
 
         res = api.evaluate(store, cfg, models=model, tasks=task, templates=templates, results_dir=results,
                            force=force, jobs=jobs, progress=tick)
-    table = Table(title=f"{store} -> {results}  (value [95% CI])")
     summ = api.summary(res.table)
-    cols = [c for c in summ.columns if c not in ("model", "task") and summ[c].notna().any()]
-    for c in ("model", "task", *cols):
-        table.add_column(c, overflow="fold")
-    for _, r in summ.iterrows():
-        table.add_row(r["model"], r["task"], *[_fmt(r[c]) for c in cols])
-    out.print(table)
+    for model_name, rows in (summ.groupby("model", sort=True) if len(summ) else []):
+        cols = [c for c in rows.columns if c not in ("model", "task") and rows[c].notna().any()]
+        table = Table(title=f"{model_name}  (value, 95% CI)", title_justify="left")
+        table.add_column("task", no_wrap=True)
+        for c in cols:
+            table.add_column(c, justify="right")
+        for _, r in rows.iterrows():
+            table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
+        out.print(table)
     for note in sorted(set(res.notes)):
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     out.print(f"{res.computed} units computed, {res.skipped} already in {results}; "

@@ -62,3 +62,36 @@ def gray16_from(jpeg: bytes) -> np.ndarray:
     """A real crop as a 16-bit grayscale image using only part of the 16-bit range."""
     g = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16)
     return (g * 40 + 1000).astype(np.uint16)
+
+
+def make_store(path: Path, x: np.ndarray, labels: list[str], text_by_class: dict[str, np.ndarray] | None,
+               meta_extra: dict | None = None, templates: tuple[str, ...] = ("a microscopy image of {}.",),
+               model: str = "synthetic:random"):
+    """A store written directly through the store API (no model), for protocol tests."""
+    import pandas as pd
+
+    from mubench_probe.store import EmbeddingStore, RunLayout
+    from mubench_probe.tasks import derive_tasks, prompt_texts
+
+    meta = pd.DataFrame({"label_name": labels, "dataset": "synth", **(meta_extra or {})})
+    tasks = derive_tasks(meta)
+    texts, emb = [], []
+    if text_by_class is not None:
+        for task in tasks:
+            for cls, row in zip(task.classes, prompt_texts(task.classes, templates), strict=True):
+                for t in row:
+                    if t not in texts:
+                        texts.append(t)
+                        emb.append(text_by_class[cls])
+    st = EmbeddingStore(path, create=True)
+    layout = RunLayout(len(x), x.shape[1], 64, "float32")
+    prov = {"model_spec": model, "backend": "test", "weights_hash": "0", "has_text": text_by_class is not None,
+            "dataset_spec": "synth"}
+    run = st.prepare_run(f"{model.replace(':', '_')}/synth/test", prov, layout, meta, texts, {},
+                         {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}})
+    for ci in range(layout.n_chunks):
+        sl = layout.chunk_slice(ci)
+        run.write_chunk(ci, x[sl], [""] * (sl.stop - sl.start))
+    if text_by_class is not None:
+        run.write_text_embeddings(np.array(emb))
+    return run
