@@ -93,8 +93,8 @@ def main() -> None:
 
     # -- kNN: FAISS vs scikit-learn -------------------------------------------------------------------
     ks = (1, 5, 10, 20)
-    t_faiss, preds = timed(lambda: KNNHead(ks).fit(x[train], y[train]).predict_all(x[test]), args.repeats)
-    t_sk, (dist, idx) = timed(lambda: NearestNeighbors(n_neighbors=max(ks), metric="cosine")
+    t_faiss, _ = timed(lambda: KNNHead(ks).fit(x[train], y[train]).predict_all(x[test]), args.repeats)
+    t_sk, (_, idx) = timed(lambda: NearestNeighbors(n_neighbors=max(ks), metric="cosine")
                               .fit(x[train]).kneighbors(x[test]), args.repeats)
     same = np.mean(np.sort(idx, axis=1) == np.sort(search(x[train], x[test], max(ks))[1], axis=1))
     print(f"kNN FAISS         {t_faiss:7.3f} s (search + votes for k={ks})")

@@ -16,5 +16,5 @@ from .api import (
 from .errors import ProbeError
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "ProbeError", "extract", "open_dataset",
-           "open_store", "store_info", "verify_store"]
+__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "ProbeError", "compare", "evaluate", "extract",
+           "open_dataset", "open_store", "search", "store_info", "verify_store"]

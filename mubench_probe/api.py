@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend, load_encoder
 from .encoders.openclip import list_specs
+from .errors import StoreError, UsageError
 from .evaluation import EvaluationResult, Unit, evaluate_store, summary
 from .extraction import ExtractReport, ProgressFn, prepare, run_extraction
 from .imaging import get_policy
 from .protocol import HEADS, EvalConfig
+from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
 from .tasks import read_templates
 
@@ -119,3 +126,154 @@ def evaluate(
         tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
     return evaluate_store(store, config, models=models, tasks=tasks, templates=tmpl, results_dir=results_dir,
                           force=force, jobs=jobs, progress=progress)
+
+
+@dataclass
+class CompareResult:
+    side_by_side: pd.DataFrame
+    pairwise: pd.DataFrame
+    cka: pd.DataFrame
+    mutual_knn: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    report: Path | None = None
+
+
+def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
+    src = Path(source)
+    if (src / "zarr.json").exists():
+        res = evaluate(src, models=models, results_dir=Path("results") / src.name.removesuffix(".zarr"))
+        return res.table, res.predictions, src
+    if (src / "results.parquet").exists():
+        table, preds = ResultsDir(src).load()
+        record = json.loads((src / "run.json").read_text()) if (src / "run.json").exists() else {}
+        return table, preds, Path(record.get("store", ""))
+    raise StoreError(f"{src} is neither a store nor a results folder (no zarr.json or results.parquet)")
+
+
+def compare(source: str | Path, models: Sequence[str] | None = None, *, report: str | Path | None = None,
+            k: int = 10, n_boot: int = 1000) -> CompareResult:
+    """Models side by side with CIs, paired tests, CKA / mutual-kNN, and optionally an HTML report."""
+    from . import report as rep
+    from .compare import pairwise_tests, side_by_side, similarity_matrices
+
+    table, preds, store_path = _results_and_store(source, models)
+    if models:
+        table, preds = table[table["model"].isin(models)], preds[preds["model"].isin(models)]
+    side = side_by_side(table)
+    pairs = pairwise_tests(preds, n_boot=n_boot)
+    embeddings: dict[str, np.ndarray] = {}
+    labels: dict[str, list[str]] = {}
+    if (store_path / "zarr.json").exists():
+        runs = [r for r in EmbeddingStore(store_path).runs() if not models or r.model_spec in models]
+        by_dataset: dict[str, list] = {}
+        for r in runs:
+            by_dataset.setdefault(r.path.split("/")[1], []).append(r)
+        group = max(by_dataset.values(), key=len) if by_dataset else []
+        if group:
+            valid = np.logical_and.reduce([r.valid_mask() for r in group])
+            for r in group:
+                embeddings[r.model_spec] = r.image_embeddings()[valid]
+                labels[r.model_spec] = list(r.meta()["label_name"].astype(str).to_numpy()[valid])
+    cka, mknn = similarity_matrices(embeddings, k) if len(embeddings) > 1 else (pd.DataFrame(), pd.DataFrame())
+    result = CompareResult(side, pairs, cka, mknn)
+    if report is not None:
+        out = Path(report)
+        figdir = out.with_name(out.stem + "_figures")
+        figdir.mkdir(parents=True, exist_ok=True)
+        figs = [rep.perception_vs_alignment(table, figdir / "zs_vs_lp.png"),
+                rep.heatmap(table, figdir / "heatmap.png"),
+                rep.matrix_plot(cka, "linear CKA of image embeddings", figdir / "cka.png"),
+                rep.matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
+                rep.alpha_curve(table, figdir / "alpha_curve.png")]
+        for i, (m, x) in enumerate(embeddings.items()):
+            figs.append(rep.embedding_map(x, labels[m], m, figdir / f"map_{i}.png"))
+        result.figures = [f for f in figs if f is not None]
+        sections: list = [("Perception vs. alignment", figdir / "zs_vs_lp.png")]
+        sections += [(title, p) for title, p in (("Models x tasks", figdir / "heatmap.png"),
+                                                 ("Representation similarity: CKA", figdir / "cka.png"),
+                                                 ("Representation similarity: mutual kNN", figdir / "mutual_knn.png"),
+                                                 ("Weight interpolation: accuracy vs alpha",
+                                                  figdir / "alpha_curve.png"))
+                     if p in result.figures]
+        sections += [(f"Image embeddings: {m}", figdir / f"map_{i}.png") for i, m in enumerate(embeddings)]
+        sections += [("Accuracy side by side (value, 95% CI)", side),
+                     ("Paired differences (bootstrap CI) and McNemar tests", pairs)]
+        if sections[0][1] not in result.figures:
+            sections = sections[1:]
+        result.report = rep.write_html(out, f"mubench_probe comparison: {source}", sections)
+    return result
+
+
+def search(store: str | Path = DEFAULT_STORE, model: str | None = None, **kw: Any) -> Any:
+    """Top-k hits for a text, image or stored-row query (see `mubench_probe.search.search_store`)."""
+    from .search import search_store
+
+    return search_store(store, model, **kw)
+
+
+def contact_sheet(store: str | Path, result: Any, path: str | Path) -> Path:
+    """A PNG grid of the image hits of a search result, captioned with rank, score and label."""
+    from .report import contact_sheet as sheet
+    from .search import hit_images, pick_run
+
+    hits = [h for h in result.hits if "row" in h]
+    if not hits:
+        raise StoreError("a contact sheet needs image hits (use --to image)")
+    run = pick_run(EmbeddingStore(store), result.query["model"])
+    images = hit_images(run, [h["row"] for h in hits])
+    caps = [f"#{h['rank']} {h['score']:.3f}\n{h.get('label_name', '')}" for h in hits]
+    policy = run.provenance.get("intensity_policy", "percentile").split(":")[0]
+    return sheet(images, caps, Path(path), policy)
+
+
+def interpolate(
+    base: str,
+    finetuned: str,
+    alphas: Sequence[float],
+    dataset: LoadedDataset | str = "sample",
+    *,
+    store: str | Path | EmbeddingStore = DEFAULT_STORE,
+    preprocess: str | None = None,
+    save_dir: str | Path | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    dtype: str = "float16",
+    chunk_rows: int = 256,
+    intensity: str = "percentile",
+    templates: str | Path | Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], ProgressFn | None] | None = None,
+) -> list[ExtractReport]:
+    """Extract `interp(base, finetuned, alpha)` for each alpha into the store (compatibility checked first).
+
+    Holds the two source state dicts and one output model; `save_dir` also writes each alpha's
+    weights as a checkpoint loadable with `ARCH:/path`.
+    """
+    from .encoders import select_device
+    from .encoders.base import check_precision
+    from .encoders.interpolate import Interpolator
+
+    if not alphas:
+        raise UsageError("give at least one alpha")
+    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
+    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
+    policy = get_policy(intensity)
+    tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+    dev = select_device(device)
+    check_precision(precision, dev)
+    interp = Interpolator(base, finetuned, dev, precision, preprocess)
+    reports = []
+    for alpha in alphas:
+        encoder = interp.encoder(float(alpha))
+        if save_dir is not None:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            interp.save(str(Path(save_dir) / f"interp_alpha{alpha:g}.pt"))
+        run = prepare(st, encoder, ds, policy=policy, chunk_rows=chunk_rows, dtype=dtype, templates=tmpl,
+                      overwrite=overwrite)
+        reports.append(run_extraction(run, encoder, ds, policy=policy, batch_size=batch_size,
+                                      num_workers=num_workers, progress=progress(encoder.info.spec) if progress
+                                      else None))
+    return reports

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -199,6 +200,51 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @app.command()
 @friendly
+def interpolate(
+    base: Annotated[str, typer.Option(help="Pre-trained model spec (e.g. ViT-B-32:openai).")],
+    finetuned: Annotated[str, typer.Option(help="Fine-tuned model spec of the same architecture.")],
+    alphas: Annotated[str, typer.Option(help="Comma-separated alphas; weights = (1-a)*base + a*finetuned.")]
+        = "0,0.25,0.5,0.75,1",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for extract).")] = api.MUBENCH_ID,
+    split: Annotated[str | None, typer.Option(help="Dataset split.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
+    store: StoreOpt = api.DEFAULT_STORE,
+    preprocess: Annotated[str | None, typer.Option(help="Whose preprocessing if they differ: base or finetuned.")]
+        = None,
+    save_dir: Annotated[Path | None, typer.Option(help="Also save each alpha's weights here (ARCH:/path).")]
+        = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[int, typer.Option(min=0)] = 2,
+    device: Annotated[str, typer.Option()] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Discard groups extracted differently.")] = False,
+) -> None:
+    """Extract weight interpolations between a base and a fine-tuned model, one model per alpha."""
+    try:
+        values = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise ProbeError(f"--alphas takes comma-separated numbers, not {alphas!r}") from None
+    for a in values:
+        if not 0 <= a <= 1:
+            err.print(f"[yellow]warning:[/] alpha={a:g} is outside [0, 1]: extrapolating", highlight=False)
+    ds = api.open_dataset(dataset, split=split, limit=limit)
+    bars = _progress()
+    with bars, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+
+        def bar_for(spec: str):
+            t = bars.add_task(spec, total=len(ds))
+            return lambda n: bars.advance(t, n)
+
+        reports = api.interpolate(base, finetuned, values, ds, store=store, preprocess=preprocess, save_dir=save_dir,
+                                  device=device, batch_size=batch_size, num_workers=workers, overwrite=overwrite,
+                                  progress=bar_for)
+    for r in reports:
+        out.print(f"{r.model}: {r.chunks_written} chunks written, {r.chunks_skipped} already done", highlight=False)
+    out.print(f"next: probe evaluate {store} && probe compare {store} --report report.html", highlight=False)
+
+
+@app.command()
+@friendly
 def info(
     store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
     verify: Annotated[bool, typer.Option(help="Read every chunk and check its checksum.")] = False,
@@ -232,6 +278,85 @@ def info(
         if problems:
             raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
         err.print("verify: every chunk matches its checksum")
+
+
+@app.command()
+@friendly
+def search(
+    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec in the store.")] = None,
+    text: Annotated[str | None, typer.Option(help="Text query (text->image).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file query (image->image).")] = None,
+    row: Annotated[int | None, typer.Option(help="A stored row as the query.")] = None,
+    to: Annotated[str, typer.Option(help="Search images, or texts (image->text over captions/prompts).")] = "image",
+    k: Annotated[int, typer.Option("-k", help="Hits to return.", min=1)] = 10,
+    where: Annotated[list[str] | None, typer.Option(help="Filter the gallery: COLUMN=VALUE (repeatable).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset key, if the model has several.")] = None,
+    index: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32,Flat, IVF256,Flat.")] = "Flat",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the image hits.")] = None,
+    device: Annotated[str, typer.Option(help="Device for encoding a new query.")] = "auto",
+) -> None:
+    """Query the store: text->image, image->image, image->text."""
+    res = api.search(store, model, text=text, image=image, row=row, to=to, k=k, where=where, dataset=dataset,
+                     index=index, device=device)
+    if as_json:
+        out.print_json(json.dumps({"query": res.query, "index": res.index, "hits": res.hits}, default=str))
+    else:
+        table = Table(title=f"{res.query}", title_justify="left")
+        cols = list(res.hits[0]) if res.hits else ["rank"]
+        for c in cols:
+            table.add_column(c, overflow="fold")
+        for h in res.hits:
+            table.add_row(*[f"{h[c]:.4f}" if isinstance(h[c], float) else str(h[c]) for c in cols])
+        out.print(table)
+        if res.index.get("recall_at_10") is not None:
+            out.print(f"index {res.index['factory']}: recall@10 vs exact search = {res.index['recall_at_10']:.3f} "
+                      f"({res.index['recall_queries']} sampled queries)", highlight=False)
+    if sheet is not None:
+        path = api.contact_sheet(store, res, sheet)
+        err.print(f"contact sheet: {path}")
+
+
+@app.command()
+@friendly
+def compare(
+    source: Annotated[Path, typer.Argument(help="A store (evaluated first, cached) or a results folder.")],
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
+    k: Annotated[int, typer.Option("-k", help="k for mutual-kNN alignment.", min=1)] = 10,
+) -> None:
+    """Models side by side: accuracies with CIs, paired tests, CKA, and an HTML report."""
+    res = api.compare(source, model, report=report, k=k)
+    side = res.side_by_side
+    if not side.empty:
+        table = Table(title="accuracy (value, 95% CI)", title_justify="left")
+        models = sorted({m for m, _ in side.columns})
+        for c in ("task", "head", *models):
+            table.add_column(c, overflow="fold")
+        for (task, head), r in side.iterrows():
+            cells = []
+            for m in models:
+                v = r.get((m, "value"))
+                cells.append(_fmt((v, r.get((m, "ci_low")), r.get((m, "ci_high")))) if v == v and v is not None
+                             else "–")
+            table.add_row(task, head, *cells)
+        out.print(table)
+    if not res.pairwise.empty:
+        t = Table(title="paired differences (a - b) and McNemar", title_justify="left")
+        for c in ("task", "head", "a", "b", "a - b", "p"):
+            t.add_column(c, overflow="fold")
+        for _, r in res.pairwise.iterrows():
+            t.add_row(r["task"], r["head"], r["model_a"], r["model_b"],
+                      _fmt((r["difference"], r["ci_low"], r["ci_high"])), f"{r['p_mcnemar']:.3g}")
+        out.print(t)
+    if not res.cka.empty:
+        out.print("linear CKA (image embeddings):")
+        out.print(res.cka.round(3).to_string(), highlight=False)
+        out.print(f"mutual kNN (k={k}):")
+        out.print(res.mutual_knn.round(3).to_string(), highlight=False)
+    if res.report:
+        out.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
 
 
 @app.command()

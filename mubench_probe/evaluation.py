@@ -22,7 +22,7 @@ import pandas as pd
 
 from .errors import StoreError, UsageError
 from .heads.zeroshot import template_indices
-from .protocol import HEADS, EvalConfig, Output, TaskArrays, evaluate_captions, evaluate_task
+from .protocol import HEADS, EvalConfig, Output, TaskArrays, evaluate_captions, evaluate_retrieval, evaluate_task
 from .results import COLUMNS, PRED_COLUMNS, ResultsDir
 from .store import IDENTITY_KEYS, EmbeddingStore, Run
 from .tasks import derive_tasks, prompt_texts
@@ -92,7 +92,8 @@ def plan_units(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | N
             raise StoreError(f"{run.path} is not fully extracted; rerun `probe extract` for "
                              f"{run.model_spec} to finish it first")
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
-        if run.has_text and "zs_caption" in cfg.heads and run.caption_keys() and _wanted("mubench", tasks):
+        caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
+        if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
             units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, [])))
         for task in derive_tasks(run.meta()):
             if _wanted(task.name, tasks):
@@ -116,7 +117,12 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
     text_emb = run.text_embeddings() if run.has_text else None
     if unit.kind == "captions":
         caps = {k: run.captions(k) for k in run.caption_keys()}
-        return evaluate_captions(x, text_emb, caps, meta, valid, cfg)
+        out = Output()
+        if "zs_caption" in cfg.heads:
+            out.extend(evaluate_captions(x, text_emb, caps, meta, valid, cfg))
+        if "retrieval" in cfg.heads:
+            out.extend(evaluate_retrieval(x, text_emb, caps, valid, cfg))
+        return out
     task, templates = unit.payload
     arrays = _task_arrays(run, x, valid, meta, task, templates, texts, text_emb)
     return evaluate_task(arrays, cfg)

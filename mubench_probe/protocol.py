@@ -17,9 +17,10 @@ from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_
 from .heads.knn import DEFAULT_KS, TEMPERATURE
 from .heads.linear import DEFAULT_CS
 from .heads.metrics import DEFAULT_BOOTSTRAP, Estimate, classification_metrics, modality_gap, paired_difference
+from .heads.retrieval import caption_retrieval
 from .tasks import COARSE_ATTRIBUTES, COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
 
-HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot")
+HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval")
 STRATA = ("dataset", *COARSE_ATTRIBUTES)
 
 
@@ -155,7 +156,7 @@ def _report(out: Output, t: TaskArrays, head: str, idx: np.ndarray, pred: np.nda
             continue
         values = t.meta[col].to_numpy()[idx]
         levels = [v for v in pd.unique(values) if v is not None and v == v]
-        if len(levels) < 2:
+        if not levels:  # single-level strata are kept: they let results be grouped by domain/stain later
             continue
         for v in sorted(levels, key=str):
             m = values == v
@@ -298,6 +299,24 @@ def evaluate_captions(image_emb: np.ndarray, text_emb: np.ndarray, captions: dic
                         n=int(sum(len(p) for p in pooled)))
             else:
                 out.add(f"mubench/{group}", "zs_caption", "accuracy", _binary(np.concatenate(pooled), cfg))
+    return out
+
+
+def evaluate_retrieval(image_emb: np.ndarray, text_emb: np.ndarray,
+                       captions: dict[str, tuple[np.ndarray, np.ndarray]], valid: np.ndarray,
+                       cfg: EvalConfig) -> Output:
+    """Image->text and text->image Recall@1/5/10 and mAP per caption key (see heads.retrieval)."""
+    out = Output()
+    for key in sorted(captions):
+        options, answer = captions[key]
+        ok = valid & (answer >= 0)
+        positive = np.full(len(answer), -1, dtype=np.int64)
+        rows = np.flatnonzero(ok)
+        positive[rows] = options[rows, answer[rows]]
+        for direction, metrics in caption_retrieval(image_emb, text_emb, positive).items():
+            n = int(metrics.pop("queries"))
+            for metric, value in metrics.items():
+                out.add(f"retrieval/{key}", direction, metric, value, n=n)
     return out
 
 

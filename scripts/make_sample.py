@@ -78,6 +78,7 @@ def build(source: Path, per_class: int, seed: int = 0) -> datasets.Dataset:
         members = sorted((r for r in rows if r["label"] == c), key=lambda r: r["path"])
         picked += rng.sample(members, min(per_class, len(members)))
     picked.sort(key=lambda r: r["path"])
+    rng.shuffle(picked)  # classes interleaved, so any --limit prefix has every class
 
     records: dict[str, list] = {k: [] for k in (
         "image", "image_id", "label", "label_name", "dataset", "domain", "subdomain", "modality",

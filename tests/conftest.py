@@ -17,6 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from mubench_probe import api
 from mubench_probe.datasets import load_dataset
+from mubench_probe.encoders.openclip import register_bundled_configs
+
+register_bundled_configs()  # tests build `mubench-tiny-vit` models directly with open_clip too
 
 TINY = "mubench-tiny-vit:random"
 

