@@ -136,6 +136,18 @@ class CompareResult:
     mutual_knn: pd.DataFrame
     figures: list[Path] = field(default_factory=list)
     report: Path | None = None
+    text_cka: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _text_prototypes(run: Any) -> np.ndarray:
+    """Class-prompt ensemble vectors of every task, stacked (rows = classes, in a fixed order)."""
+    from .heads.zeroshot import ensemble_weights, template_indices
+    from .tasks import prompt_texts
+
+    plan, texts, emb = run.prompts(), run.texts(), run.text_embeddings()
+    rows = [ensemble_weights(emb[template_indices(texts, prompt_texts(classes, plan["templates"]))])
+            for _, classes in sorted(plan.get("tasks", {}).items())]
+    return np.concatenate(rows) if rows else np.zeros((0, emb.shape[1]), np.float32)
 
 
 def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
@@ -176,7 +188,9 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
                 embeddings[r.model_spec] = r.image_embeddings()[valid]
                 labels[r.model_spec] = list(r.meta()["label_name"].astype(str).to_numpy()[valid])
     cka, mknn = similarity_matrices(embeddings, k) if len(embeddings) > 1 else (pd.DataFrame(), pd.DataFrame())
-    result = CompareResult(side, pairs, cka, mknn)
+    prototypes = {r.model_spec: _text_prototypes(r) for r in (group if embeddings else []) if r.has_text}
+    text_cka = similarity_matrices(prototypes, k=0)[0] if len(prototypes) > 1 else pd.DataFrame()
+    result = CompareResult(side, pairs, cka, mknn, text_cka=text_cka)
     if report is not None:
         out = Path(report)
         figdir = out.with_name(out.stem + "_figures")
@@ -185,6 +199,7 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
                 rep.heatmap(table, figdir / "heatmap.png"),
                 rep.matrix_plot(cka, "linear CKA of image embeddings", figdir / "cka.png"),
                 rep.matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
+                rep.matrix_plot(text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
                 rep.alpha_curve(table, figdir / "alpha_curve.png")]
         for i, (m, x) in enumerate(embeddings.items()):
             figs.append(rep.embedding_map(x, labels[m], m, figdir / f"map_{i}.png"))
@@ -193,6 +208,7 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
         sections += [(title, p) for title, p in (("Models x tasks", figdir / "heatmap.png"),
                                                  ("Representation similarity: CKA", figdir / "cka.png"),
                                                  ("Representation similarity: mutual kNN", figdir / "mutual_knn.png"),
+                                                 ("Text prototypes: CKA", figdir / "text_cka.png"),
                                                  ("Weight interpolation: accuracy vs alpha",
                                                   figdir / "alpha_curve.png"))
                      if p in result.figures]

@@ -355,6 +355,9 @@ def compare(
         out.print(res.cka.round(3).to_string(), highlight=False)
         out.print(f"mutual kNN (k={k}):")
         out.print(res.mutual_knn.round(3).to_string(), highlight=False)
+    if not res.text_cka.empty:
+        out.print("linear CKA (class-prompt text prototypes):")
+        out.print(res.text_cka.round(3).to_string(), highlight=False)
     if res.report:
         out.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
 

@@ -59,11 +59,12 @@ def pairwise_tests(preds: pd.DataFrame, models: Sequence[str] | None = None, hea
 
 
 def similarity_matrices(embeddings: dict[str, np.ndarray], k: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Linear CKA and mutual-kNN alignment between every pair of models on the same rows."""
+    """Linear CKA and mutual-kNN alignment between every pair of models on the same rows (k=0: CKA only)."""
     names = list(embeddings)
     cka = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
     mknn = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
     for a, b in combinations(names, 2):
         cka.loc[a, b] = cka.loc[b, a] = linear_cka(embeddings[a], embeddings[b])
-        mknn.loc[a, b] = mknn.loc[b, a] = mutual_knn(embeddings[a], embeddings[b], k)
+        if k > 0:
+            mknn.loc[a, b] = mknn.loc[b, a] = mutual_knn(embeddings[a], embeddings[b], k)
     return cka, mknn

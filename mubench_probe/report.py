@@ -71,10 +71,12 @@ def heatmap(table: pd.DataFrame, path: Path, heads: Sequence[str] = ("zs_caption
         return None
     wide = t.pivot_table(index=["model", "head"], columns="task", values="value", aggfunc="first")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * wide.shape[1], 0.9 + 0.42 * wide.shape[0]))
+    ylabels = [f"{m} · {h}" for m, h in wide.index]
+    width = 2.0 + 0.07 * max(len(v) for v in ylabels) + 1.1 * wide.shape[1]
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.42 * wide.shape[0]))
     im = ax.imshow(wide.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(wide.shape[0]), [f"{m} · {h}" for m, h in wide.index], fontsize=8)
+    ax.set_yticks(range(wide.shape[0]), ylabels, fontsize=8)
     for (i, j), v in np.ndenumerate(wide.to_numpy(dtype=float)):
         if v == v:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
@@ -141,14 +143,14 @@ def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, 
 
     plt = _plt()
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
     pol = get_policy(policy_name)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, data, cap in zip(axes.ravel(), images, captions, strict=False):
         ax.imshow(load_rgb(data, pol))
         ax.set_title(cap, fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(pad=1.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -203,6 +205,13 @@ def alpha_points(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _short(text: str) -> str:
+    """Model specs with long checkpoint paths, shortened to the file names for titles."""
+    import re
+
+    return re.sub(r"(/[^\s:,>]+)+/", ".../", text)
+
+
 def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
     """Accuracy vs alpha per task group, zero-shot and linear probe on the same axes."""
     pts = alpha_points(table)
@@ -222,7 +231,7 @@ def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"weight interpolation: {pts['parents'].iloc[0]}", fontsize=9)
+    fig.suptitle(f"weight interpolation: {_short(pts['parents'].iloc[0])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -112,7 +112,7 @@ def search_store(store: str | Path | EmbeddingStore, model: str | None, *, text:
     # -- the gallery ------------------------------------------------------------------------------
     if to == "text":
         gallery_ids = np.arange(len(run.texts()))
-        idx_obj, info = build_index(run.text_embeddings(), EXACT)
+        idx_obj, info, _ = IndexCache(st.path).get(run.path, "text", run.text_embeddings(), EXACT)
     else:
         emb = run.image_embeddings()
         mask = _gallery_mask(run, parse_where(where))

@@ -147,3 +147,17 @@ def test_cli_evaluate(tiny_store, tmp_path):
     assert r.exit_code == 2 and "unknown head" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tiny_store), "--shots", "a,b"])
     assert r.exit_code == 1 and "comma-separated" in r.output
+
+
+def test_parallel_jobs_give_the_same_numbers(tmp_path):
+    x, y, centres, rng = _separable()
+    meta = {"modality": np.where(np.arange(len(y)) % 2, "EM", "LM")}
+    text = {f"c{i}": centres[i] for i in range(4)} | {"EM": rng.normal(size=16), "LM": rng.normal(size=16)}
+    make_store(tmp_path / "s.zarr", x, [f"c{i}" for i in y], text, meta)
+    one = api.evaluate(tmp_path / "s.zarr", FAST, jobs=1).table
+    res = api.evaluate(tmp_path / "s.zarr", FAST, jobs=2)
+    two = res.table
+    assert res.computed == 2 and any("one source dataset only" in n for n in res.notes)
+    key = ["task", "head", "metric", "stratum", "seed"]
+    pd.testing.assert_frame_equal(one.sort_values(key).reset_index(drop=True),
+                                  two.sort_values(key).reset_index(drop=True))

@@ -101,5 +101,6 @@ def test_alpha_sweep_end_to_end_with_curve(parents, tmp_path):
     cfg = api.EvalConfig(n_boot=50, shots=(1,), fewshot_seeds=1, folds=3)
     api.evaluate(store, cfg, results_dir=tmp_path / "res")
     res = api.compare(tmp_path / "res", report=tmp_path / "report.html", n_boot=50)
-    assert "alpha_curve.png" in {p.name for p in res.figures}
+    assert {"alpha_curve.png", "text_cka.png"} <= {p.name for p in res.figures}
+    assert res.text_cka.shape == (3, 3) and np.allclose(np.diag(res.text_cka), 1.0)
     assert "Weight interpolation" in (tmp_path / "report.html").read_text()

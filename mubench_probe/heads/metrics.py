@@ -69,6 +69,15 @@ class Estimate:
     n: int
 
 
+def _quantiles(b: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Percentile interval ignoring NaN resamples (e.g. a class absent from a resample); NaN if none."""
+    b = b[~np.isnan(b)]
+    if b.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(b, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
@@ -95,8 +104,7 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, n_classes: int, n_boot:
     for k, fn in SUMMARY_METRICS.items():
         value = float(fn(cm))
         if n_boot > 0:
-            b = np.concatenate(boots[k])
-            lo, hi = np.nanquantile(b, [alpha, 1 - alpha])
+            lo, hi = _quantiles(np.concatenate(boots[k]), alpha)
         else:
             lo = hi = float("nan")
         out[k] = Estimate(value, float(lo), float(hi), n)
@@ -121,8 +129,7 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int 
         idx = _indices(n, n_boot, seed)
         ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
         d_lo, d_hi = np.quantile(ma - mb, [alpha, 1 - alpha])
-        r = np.divide(mb, ma, out=np.full(ma.shape, np.nan), where=ma > 0)
-        r_lo, r_hi = np.nanquantile(r, [alpha, 1 - alpha])
+        r_lo, r_hi = _quantiles(np.divide(mb, ma, out=np.full(ma.shape, np.nan), where=ma > 0), alpha)
     else:
         d_lo = d_hi = r_lo = r_hi = float("nan")
     return {"difference": Estimate(float(diff), float(d_lo), float(d_hi), n),
