@@ -127,7 +127,10 @@ def _fmt(cell: Any) -> str:
     value, lo, hi = cell
     if lo != lo:  # no CI (NaN)
         return f"{value:.3f}"
-    return f"{value:.3f}\n[{lo:.2f},{hi:.2f}]"
+    def short(v: float) -> str:  # 0.29 -> .29, -0.05 -> -.05: keeps CIs readable in 80 columns
+        return f"{v:.2f}".replace("0.", ".", 1)
+
+    return f"{value:.3f}\n{short(lo)}–{short(hi)}"
 
 
 @app.command()
@@ -174,14 +177,18 @@ def evaluate(
                            force=force, jobs=jobs, progress=tick)
     summ = api.summary(res.table)
     for model_name, rows in (summ.groupby("model", sort=True) if len(summ) else []):
-        cols = [c for c in rows.columns if c not in ("model", "task") and rows[c].notna().any()]
-        table = Table(title=f"{model_name}  (value, 95% CI)", title_justify="left")
-        table.add_column("task", no_wrap=True)
-        for c in cols:
-            table.add_column(c, justify="right")
-        for _, r in rows.iterrows():
-            table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
-        out.print(table)
+        retrieval = rows["task"].str.startswith("retrieval/")
+        for part, title in ((rows[~retrieval], "value, 95% CI"), (rows[retrieval], "retrieval")):
+            cols = [c for c in part.columns if c not in ("model", "task") and part[c].notna().any()]
+            if part.empty or not cols:
+                continue
+            table = Table(title=f"{model_name}  ({title})", title_justify="left")
+            table.add_column("task", no_wrap=True)
+            for c in cols:
+                table.add_column(c, justify="right")
+            for _, r in part.iterrows():
+                table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
+            out.print(table)
     for note in sorted(set(res.notes)):
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     out.print(f"{res.computed} units computed, {res.skipped} already in {results}; "

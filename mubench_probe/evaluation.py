@@ -224,27 +224,38 @@ def _versions() -> dict[str, str]:
     return package_versions()
 
 
+SUMMARY_COLUMNS = {
+    # column: (head, metric) candidates, first found wins; ZS is the caption protocol on μ-Bench
+    # rows and class-prompt zero-shot on task rows
+    "ZS": (("zs_prompt", "accuracy"), ("zs_caption", "accuracy")),
+    "LP": (("lp", "accuracy"),),
+    "kNN@10": (("knn@10", "accuracy"),),
+    "proto": (("proto", "accuracy"),),
+    "gap LP-ZS": (("alignment", "lp_minus_zs"),),
+    "I->T R@1": (("image_to_text", "R@1"),),
+    "T->I R@1": (("text_to_image", "R@1"),),
+}
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI)."""
+    """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI).
+
+    Per-caption-key μ-Bench rows are left to the files; the pooled coarse/fine rows stay.
+    """
     if table.empty:
         return pd.DataFrame()
     per_key = table["task"].str.startswith("mubench/") & ~table["task"].isin(["mubench/coarse", "mubench/fine"])
     t = table[(table["stratum"] == "all") & table["seed"].isna() & ~per_key]
-    picks = {
-        "ZS-caption": ("zs_caption", "accuracy"),
-        "ZS": ("zs_prompt", "accuracy"),
-        "LP": ("lp", "accuracy"),
-        "kNN@10": ("knn@10", "accuracy"),
-        "proto": ("proto", "accuracy"),
-        "LP-ZS": ("alignment", "lp_minus_zs"),
-        "gap": ("alignment", "modality_gap"),
-    }
     rows = []
     for (model, task), g in t.groupby(["model", "task"], sort=True):
         row: dict[str, Any] = {"model": model, "task": task}
-        for col, (head, metric) in picks.items():
-            m = g[(g["head"] == head) & (g["metric"] == metric)]
-            row[col] = tuple(m.iloc[0][["value", "ci_low", "ci_high"]]) if len(m) else None
+        for col, candidates in SUMMARY_COLUMNS.items():
+            row[col] = None
+            for head, metric in candidates:
+                m = g[(g["head"] == head) & (g["metric"] == metric)]
+                if len(m):
+                    row[col] = tuple(m.iloc[0][["value", "ci_low", "ci_high"]])
+                    break
         rows.append(row)
     return pd.DataFrame(rows)
 
