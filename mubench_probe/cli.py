@@ -279,12 +279,16 @@ def info(
             out.print(f"  model: {p.get('model_spec')}", highlight=False, soft_wrap=True)
             out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
     if verify:
-        problems = summary["problems"]
-        for line in problems:
-            err.print(f"[red]corrupt:[/] {line}", highlight=False)
-        if problems:
-            raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
-        err.print("verify: every chunk matches its checksum")
+        _report_problems(summary["problems"], store)
+
+
+def _report_problems(problems: list[str], store: Path) -> None:
+    """One line per damaged chunk, then a non-zero exit; silence means every checksum matched."""
+    for line in problems:
+        err.print(f"[red]corrupt:[/] {line}", highlight=False)
+    if problems:
+        raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
+    err.print("verify: every chunk matches its checksum")
 
 
 @app.command()
@@ -373,12 +377,7 @@ def compare(
 @friendly
 def verify(store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE) -> None:
     """Check every chunk's checksum (same as `probe info --verify`, without the table)."""
-    problems = api.verify_store(store)
-    for line in problems:
-        err.print(f"[red]corrupt:[/] {line}", highlight=False)
-    if problems:
-        raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
-    out.print("every chunk matches its checksum")
+    _report_problems(api.verify_store(store), store)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,3 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
                     break
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def with_config(cfg: EvalConfig, **kw: Any) -> EvalConfig:
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

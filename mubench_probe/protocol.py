@@ -6,7 +6,7 @@ Pure functions: embeddings, labels and metadata in, long-format records out. The
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -324,10 +324,3 @@ def _binary(correct: np.ndarray, cfg: EvalConfig) -> Estimate:
     """Accuracy of a 0/1 vector with a bootstrap CI."""
     c = correct.astype(np.int64)
     return classification_metrics(c, np.ones_like(c), 2, cfg.n_boot, cfg.seed)["accuracy"]
-
-
-def iter_strata(meta: pd.DataFrame, columns: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-    for col in columns:
-        if col in meta:
-            for v in sorted(set(meta[col].dropna().astype(str))):
-                yield f"{col}={v}", (meta[col].astype(str) == v).to_numpy()

@@ -51,10 +51,11 @@ def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
             x = np.arange(len(models)) + (j - 0.5) * width
             ax.bar(x, vals, width, yerr=[lo, hi], color=colour, label=name, capsize=3)
         ax.set_xticks(np.arange(len(models)), [m.replace(":", ":\n") for m in models], fontsize=7)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.22)
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_title(task, fontsize=9)
         ax.set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
     fig.suptitle("What the image encoder perceives (linear probe) vs. what text reaches (zero-shot)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

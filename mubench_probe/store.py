@@ -15,8 +15,6 @@ guarded by CRC32C, so damaged bytes raise on read instead of returning wrong num
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,10 +202,7 @@ class Run:
 
     # ---- integrity ------------------------------------------------------------------------
     def iter_arrays(self) -> Iterator[zarr.Array]:
-        for _, arr in self.group.arrays():
-            yield arr
-        for _, sub in self.group.groups():
-            yield from _walk_arrays(sub)
+        return _walk_arrays(self.group)
 
     def verify(self) -> list[str]:
         """Read every chunk of every array; return one line per chunk that fails its checksum."""
@@ -369,12 +364,6 @@ class EmbeddingStore:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    def delete(self, path: str) -> None:
-        if path not in self.root:
-            raise StoreError(f"{self.path} has no group {path}")
-        del self.root[path]
-        shutil.rmtree(self.path / path, ignore_errors=True)
-
 
 def describe(run: Run) -> dict[str, Any]:
     """A JSON-ready summary of a run for `probe info`."""
@@ -394,7 +383,3 @@ def describe(run: Run) -> dict[str, Any]:
         "size_bytes": run.size_bytes(),
         "provenance": p,
     }
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
