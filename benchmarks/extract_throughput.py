@@ -7,7 +7,8 @@ Measures, in one run on the same real images (the bundled BCCD sample):
   (3) images/s of the full extraction path (loader + forward + Zarr writes) into a fresh store,
       timed from the loader's start to the last chunk written (model loading, weight hashing
       and text encoding happen once per model and are shown separately as "e2e"),
-and prints full/forward and full/data. Each figure is the median of --repeats runs.
+and prints full/forward and full/data: each ratio is computed within one repeat (the three
+measurements adjacent in time) and the median over --repeats is shown; rates are medians too.
 
   python benchmarks/extract_throughput.py [--models ViT-B-32:random mubench-tiny-vit:random]
 """
@@ -87,7 +88,15 @@ def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dic
                                  num_workers=workers, device="cpu")
             rates["e2e"].append(n / (time.perf_counter() - t0))
             rates["full"].append(report.images_per_second)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    out = {k: statistics.median(v) for k, v in rates.items()}
+    # Ratios are taken within each repeat (adjacent in time) and then their median: this shared
+    # machine's speed drifts by +-25% over minutes, which a ratio of medians would mix in.
+    out["full/fwd"] = statistics.median(f / m for f, m in zip(rates["full"], rates["forward"], strict=True))
+    out["full/data"] = statistics.median(f / d for f, d in zip(rates["full"], rates["data"], strict=True))
+    fwd = [f / m for f, m in zip(rates["full"], rates["forward"], strict=True)]
+    dat = [f / d for f, d in zip(rates["full"], rates["data"], strict=True)]
+    out["ranges"] = f"full/fwd {min(fwd):.2f}-{max(fwd):.2f}, full/data {min(dat):.2f}-{max(dat):.2f}"
+    return out
 
 
 def main() -> None:
@@ -107,7 +116,7 @@ def main() -> None:
     for spec, n in zip(args.models, sizes, strict=True):
         r = bench(spec, n, args.batch_size, args.workers, args.repeats)
         print(f"{spec:26} {n:4d} {r['forward']:9.1f} {r['data']:8.1f} {r['full']:8.1f} {r['e2e']:8.1f} "
-              f"{r['full'] / r['forward']:9.2f} {r['full'] / r['data']:9.2f}")
+              f"{r['full/fwd']:9.2f} {r['full/data']:9.2f}   per repeat: {r['ranges']}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("interrupted: finished chunks are saved; rerun the same command to resume")
             raise typer.Exit(130) from None
+        except OSError as exc:  # unwritable store, full disk, missing file: the user's environment
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

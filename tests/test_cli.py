@@ -61,3 +61,19 @@ def test_models_and_datasets_list(tmp_path):
     assert r.exit_code == 0 and "hf-hub:microsoft/BiomedCLIP" in r.output and "efficientnet-lite0" in r.output
     r = _run("datasets")
     assert r.exit_code == 0 and "sample" in r.output and "csv" in r.output
+
+
+def test_ctrl_c_and_os_errors_are_one_line(monkeypatch, tmp_path):
+    from mubench_probe import api
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "4", "--store", str(blocker / "s.zarr"))
+    assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "extract", interrupted)
+    r = _run("extract", "--dataset", "sample", "--model", TINY, "--store", str(tmp_path / "s.zarr"))
+    assert r.exit_code == 130 and "rerun the same command to resume" in r.output
