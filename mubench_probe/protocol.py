@@ -194,7 +194,7 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
     folds, how = task_folds(t, cfg) if needs_folds else ([], "")
     if needs_folds:
         out.notes.append(f"{name}: probes use {how}")
-    if needs_folds and not folds:
+    if not folds:  # zero-shot heads only, or a task that cannot be split honestly
         return out
     tested = np.sort(np.concatenate([te for _, te in folds]))
 

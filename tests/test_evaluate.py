@@ -57,6 +57,14 @@ def test_aligned_text_gives_a_small_gap(tmp_path):
     assert abs(_get(t, "fine/synth", "alignment", "lp_minus_zs").value) < 0.05
 
 
+def test_zero_shot_heads_alone(tmp_path):
+    x, y, centres, _ = _separable()
+    make_store(tmp_path / "s.zarr", x, [f"c{i}" for i in y], {f"c{i}": centres[i] for i in range(4)})
+    t = api.evaluate(tmp_path / "s.zarr", EvalConfig(heads=("zs_prompt",), n_boot=50)).table
+    assert set(t["head"]) == {"zs_prompt", "zs_prompt[0]", "alignment"}
+    assert _get(t, "fine/synth", "zs_prompt").value == 1.0
+
+
 def test_image_only_model_reports_text_heads_not_applicable(tmp_path):
     x, y, _, _ = _separable()
     make_store(tmp_path / "s.zarr", x, [f"c{i}" for i in y], None)
@@ -161,3 +169,11 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path):
     key = ["task", "head", "metric", "stratum", "seed"]
     pd.testing.assert_frame_equal(one.sort_values(key).reset_index(drop=True),
                                   two.sort_values(key).reset_index(drop=True))
+
+
+def test_own_split_protocol_uses_the_split_column(tiny_store, sample):
+    cfg = EvalConfig(protocol="split", n_boot=50, shots=(1,), fewshot_seeds=1)
+    res = api.evaluate(tiny_store, cfg, tasks=["fine/*"])
+    n_test = int((sample.meta["split"] == "test").sum())
+    assert _get(res.table, "fine/bccd", "lp").n == n_test
+    assert any("own train/test split" in n for n in res.notes)
