@@ -3,18 +3,25 @@
 Extract once (`extract`), evaluate everything from the store alone.
 """
 
+from . import api
 from .api import (
-                  DEFAULT_STORE,
-                  MUBENCH_ID,
-                  MUBENCH_MODELS,
-                  extract,
-                  open_dataset,
-                  open_store,
-                  store_info,
-                  verify_store,
+    DEFAULT_STORE,
+    MUBENCH_ID,
+    MUBENCH_MODELS,
+    EvalConfig,
+    compare,
+    evaluate,
+    extract,
+    interpolate,
+    open_dataset,
+    open_store,
+    search,
+    store_info,
+    verify_store,
 )
 from .errors import ProbeError
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "ProbeError", "compare", "evaluate", "extract",
-           "open_dataset", "open_store", "search", "store_info", "verify_store"]
+__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "EvalConfig", "ProbeError", "api", "compare",
+           "evaluate", "extract", "interpolate", "open_dataset", "open_store", "search", "store_info",
+           "verify_store"]
