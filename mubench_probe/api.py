@@ -167,7 +167,7 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
             k: int = 10, n_boot: int = 1000) -> CompareResult:
     """Models side by side with CIs, paired tests, CKA / mutual-kNN, and optionally an HTML report."""
     from . import report as rep
-    from .compare import pairwise_tests, side_by_side, similarity_matrices
+    from .comparison import pairwise_tests, side_by_side, similarity_matrices
 
     table, preds, store_path = _results_and_store(source, models)
     if models:
@@ -222,16 +222,16 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
 
 
 def search(store: str | Path = DEFAULT_STORE, model: str | None = None, **kw: Any) -> Any:
-    """Top-k hits for a text, image or stored-row query (see `mubench_probe.search.search_store`)."""
-    from .search import search_store
+    """Top-k hits for a text, image or stored-row query (see `mubench_probe.queries.search_store`)."""
+    from .queries import search_store
 
     return search_store(store, model, **kw)
 
 
 def contact_sheet(store: str | Path, result: Any, path: str | Path) -> Path:
     """A PNG grid of the image hits of a search result, captioned with rank, score and label."""
+    from .queries import hit_images, pick_run
     from .report import contact_sheet as sheet
-    from .search import hit_images, pick_run
 
     hits = [h for h in result.hits if "row" in h]
     if not hits:

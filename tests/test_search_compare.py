@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mubench_probe import api
 from mubench_probe.cli import app
-from mubench_probe.compare import pairwise_tests
+from mubench_probe.comparison import pairwise_tests
 from mubench_probe.errors import ProvenanceMismatchError, UsageError
 from mubench_probe.heads.retrieval import caption_retrieval, ranking_metrics
 from mubench_probe.index import IndexCache, ann_recall, build_index, exact_topk
