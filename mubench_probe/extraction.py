@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import LoadedDataset
+from .datasets import LoadedDataset, slug
 from .encoders import Encoder
 from .errors import ImageDecodeError, UsageError
 from .imaging import IntensityPolicy, load_rgb
@@ -142,8 +142,6 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, *, polic
         raise UsageError("--chunk-rows must be at least 1")
     if dtype not in ("float16", "float32"):
         raise UsageError("--dtype must be float16 or float32")
-    from .datasets import slug
-
     info = encoder.info
     texts, plan = plan_texts(ds, templates) if encoder.has_text else ([], {})
     index = {t: i for i, t in enumerate(texts)}
