@@ -52,6 +52,28 @@ def open_store(path: str | Path = DEFAULT_STORE, create: bool = False) -> Embedd
     return EmbeddingStore(path, create=create)
 
 
+def _templates(templates: str | Path | Sequence[str] | None) -> tuple[str, ...]:
+    """A templates file (None = the defaults) or the templates themselves."""
+    return tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+
+
+def _extract_inputs(dataset: LoadedDataset | str, store: str | Path | EmbeddingStore, intensity: str,
+                    templates: str | Path | Sequence[str] | None):
+    """Everything extract and interpolate resolve the same way before loading a model."""
+    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
+    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
+    return ds, st, get_policy(intensity), _templates(templates)
+
+
+def _extract_with(encoder: Any, ds: LoadedDataset, st: EmbeddingStore, policy: Any, templates: tuple[str, ...],
+                  *, chunk_rows: int, dtype: str, features: bool, overwrite: bool, batch_size: int,
+                  num_workers: int, progress: ProgressFn | None) -> ExtractReport:
+    run = prepare(st, encoder, ds, policy=policy, chunk_rows=chunk_rows, dtype=dtype, features=features,
+                  templates=templates, overwrite=overwrite)
+    return run_extraction(run, encoder, ds, policy=policy, batch_size=batch_size, num_workers=num_workers,
+                          progress=progress)
+
+
 def extract(
     model: str,
     dataset: LoadedDataset | str = "sample",
@@ -70,15 +92,10 @@ def extract(
     progress: ProgressFn | None = None,
 ) -> ExtractReport:
     """Embed `dataset` with `model` into the store; resumes a matching, unfinished group."""
-    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
-    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
-    policy = get_policy(intensity)
-    tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+    ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
     encoder = load_encoder(model, device=device, precision=precision)
-    run = prepare(st, encoder, ds, policy=policy, chunk_rows=chunk_rows, dtype=dtype, features=features,
-                  templates=tmpl, overwrite=overwrite)
-    return run_extraction(run, encoder, ds, policy=policy, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress)
+    return _extract_with(encoder, ds, st, policy, tmpl, chunk_rows=chunk_rows, dtype=dtype, features=features,
+                         overwrite=overwrite, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 
 def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
@@ -121,9 +138,7 @@ def evaluate(
     progress: Callable[[Unit, int, int], None] | None = None,
 ) -> EvaluationResult:
     """Score every head on every task from the store alone (never loads a model or an image)."""
-    tmpl = None
-    if templates is not None:
-        tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+    tmpl = _templates(templates) if templates is not None else None  # None: the templates extracted
     return evaluate_store(store, config, models=models, tasks=tasks, templates=tmpl, results_dir=results_dir,
                           force=force, jobs=jobs, progress=progress)
 
@@ -230,7 +245,7 @@ def search(store: str | Path = DEFAULT_STORE, model: str | None = None, **kw: An
 
 def contact_sheet(store: str | Path, result: Any, path: str | Path) -> Path:
     """A PNG grid of the image hits of a search result, captioned with rank, score and label."""
-    from .queries import hit_images, pick_run
+    from .queries import hit_images, pick_run, run_policy
     from .report import contact_sheet as sheet
 
     hits = [h for h in result.hits if "row" in h]
@@ -239,8 +254,7 @@ def contact_sheet(store: str | Path, result: Any, path: str | Path) -> Path:
     run = pick_run(EmbeddingStore(store), result.query["model"])
     images = hit_images(run, [h["row"] for h in hits])
     caps = [f"#{h['rank']} {h['score']:.3f}\n{h.get('label_name', '')}" for h in hits]
-    policy = run.provenance.get("intensity_policy", "percentile").split(":")[0]
-    return sheet(images, caps, Path(path), policy)
+    return sheet(images, caps, Path(path), run_policy(run))
 
 
 def interpolate(
@@ -268,28 +282,21 @@ def interpolate(
     Holds the two source state dicts and one output model; `save_dir` also writes each alpha's
     weights as a checkpoint loadable with `ARCH:/path`.
     """
-    from .encoders import select_device
-    from .encoders.base import check_precision
+    from .encoders import device_for
     from .encoders.interpolate import Interpolator
 
     if not alphas:
         raise UsageError("give at least one alpha")
-    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
-    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
-    policy = get_policy(intensity)
-    tmpl = tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
-    dev = select_device(device)
-    check_precision(precision, dev)
-    interp = Interpolator(base, finetuned, dev, precision, preprocess)
+    ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
+    interp = Interpolator(base, finetuned, device_for(device, precision), precision, preprocess)
     reports = []
     for alpha in alphas:
         encoder = interp.encoder(float(alpha))
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             interp.save(str(Path(save_dir) / f"interp_alpha{alpha:g}.pt"))
-        run = prepare(st, encoder, ds, policy=policy, chunk_rows=chunk_rows, dtype=dtype, templates=tmpl,
-                      overwrite=overwrite)
-        reports.append(run_extraction(run, encoder, ds, policy=policy, batch_size=batch_size,
-                                      num_workers=num_workers, progress=progress(encoder.info.spec) if progress
-                                      else None))
+        reports.append(_extract_with(
+            encoder, ds, st, policy, tmpl, chunk_rows=chunk_rows, dtype=dtype, features=False,
+            overwrite=overwrite, batch_size=batch_size, num_workers=num_workers,
+            progress=progress(encoder.info.spec) if progress else None))
     return reports

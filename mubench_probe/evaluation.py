@@ -24,7 +24,7 @@ from .errors import StoreError, UsageError
 from .heads.zeroshot import template_indices
 from .protocol import HEADS, EvalConfig, Output, TaskArrays, evaluate_captions, evaluate_retrieval, evaluate_task
 from .results import COLUMNS, PRED_COLUMNS, ResultsDir
-from .store import IDENTITY_KEYS, EmbeddingStore, Run
+from .store import IDENTITY_KEYS, EmbeddingStore, Run, RunArrays
 from .tasks import derive_tasks, prompt_texts
 
 
@@ -43,6 +43,7 @@ class Unit:
     task_name: str
     key: str
     payload: Any = None
+    arrays: RunArrays | None = None
 
 
 @dataclass
@@ -92,12 +93,13 @@ def plan_units(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | N
             raise StoreError(f"{run.path} is not fully extracted; rerun `probe extract` for "
                              f"{run.model_spec} to finish it first")
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
+        arrays = RunArrays(run)
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
         if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
-            units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, [])))
-        for task in derive_tasks(run.meta()):
+            units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, []), arrays=arrays))
+        for task in derive_tasks(arrays.meta):
             if _wanted(task.name, tasks):
-                units.append(Unit(run, "task", task.name, _unit_key(run, task.name, cfg, tmpl), (task, tmpl)))
+                units.append(Unit(run, "task", task.name, _unit_key(run, task.name, cfg, tmpl), (task, tmpl), arrays))
     return units
 
 
@@ -108,13 +110,10 @@ def _wanted(name: str, patterns: Sequence[str] | None) -> bool:
 
 
 def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
-    """Compute one unit (loads only that run's arrays from the store)."""
+    """Compute one unit from its run's arrays (read from the store on first use, then shared)."""
     run = unit.run
-    x = run.image_embeddings()
-    valid = run.valid_mask()
-    meta = run.meta()
-    texts = run.texts() if run.has_text else None
-    text_emb = run.text_embeddings() if run.has_text else None
+    a = unit.arrays or RunArrays(run)
+    x, valid, meta, texts, text_emb = a.x, a.valid, a.meta, a.texts, a.text_emb
     if unit.kind == "captions":
         caps = {k: run.captions(k) for k in run.caption_keys()}
         out = Output()

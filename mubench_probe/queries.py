@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ProvenanceMismatchError, StoreError, UsageError
 from .index import EXACT, IndexCache, build_index
-from .store import EmbeddingStore, Run, l2_normalize
+from .store import EmbeddingStore, Run, RunArrays, l2_normalize
 
 META_COLUMNS = ("label_name", "dataset", "domain", "modality", "submodality", "stain", "image_id")
 
@@ -62,9 +62,16 @@ def parse_where(where: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _gallery_mask(run: Run, where: dict[str, str]) -> np.ndarray:
-    meta = run.meta()
-    mask = run.valid_mask()
+def run_policy(run: Run):
+    """The intensity policy the run's images went through (its description starts with the name)."""
+    from .imaging import get_policy
+
+    return get_policy(run.provenance.get("intensity_policy", "percentile").split(":")[0])
+
+
+def _gallery_mask(arrays: RunArrays, where: dict[str, str]) -> np.ndarray:
+    meta = arrays.meta
+    mask = arrays.valid.copy()
     for col, val in where.items():
         if col not in meta:
             raise UsageError(f"no metadata column {col!r}; have {', '.join(meta.columns)}")
@@ -83,6 +90,7 @@ def search_store(store: str | Path | EmbeddingStore, model: str | None, *, text:
         raise UsageError("--to must be image or text")
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     run = pick_run(st, model, dataset)
+    arrays = RunArrays(run)  # each array is read from the store at most once
     if text is not None and not run.has_text:
         raise UsageError(f"{run.model_spec} is image-only: it cannot embed a text query")
     if to == "text" and not run.has_text:
@@ -91,7 +99,7 @@ def search_store(store: str | Path | EmbeddingStore, model: str | None, *, text:
     if row is not None:
         if not 0 <= row < run.layout.n_rows:
             raise UsageError(f"--row must be in 0..{run.layout.n_rows - 1}")
-        q = run.image_embeddings()[row]
+        q = arrays.x[row]
         query: dict[str, Any] = {"row": row}
     else:
         enc = matching_encoder(run, device)
@@ -99,35 +107,34 @@ def search_store(store: str | Path | EmbeddingStore, model: str | None, *, text:
             q = l2_normalize(enc.encode_texts([text]))[0]
             query = {"text": text}
         else:
-            from .imaging import get_policy, load_rgb
+            from .imaging import load_rgb
 
             path = Path(str(image))
             if not path.is_file():
                 raise UsageError(f"query image {path} does not exist")
-            policy = get_policy(run.provenance.get("intensity_policy", "percentile").split(":")[0])
-            x = enc.transform(load_rgb(path.read_bytes(), policy))[None]
+            x = enc.transform(load_rgb(path.read_bytes(), run_policy(run)))[None]
             q = l2_normalize(enc.encode_images(x)[0])[0]
             query = {"image": str(path)}
     query["model"] = run.model_spec
     # -- the gallery ------------------------------------------------------------------------------
     if to == "text":
-        gallery_ids = np.arange(len(run.texts()))
-        idx_obj, info, _ = IndexCache(st.path).get(run.path, "text", run.text_embeddings(), EXACT)
+        gallery_ids = np.arange(len(arrays.texts))
+        idx_obj, info, _ = IndexCache(st.path).get(run.path, "text", arrays.text_emb, EXACT)
     else:
-        emb = run.image_embeddings()
-        mask = _gallery_mask(run, parse_where(where))
+        emb = arrays.x
+        mask = _gallery_mask(arrays, parse_where(where))
         if where:  # a filtered gallery gets its own (exact or ANN) index, built on the fly
             gallery_ids = np.flatnonzero(mask)
             idx_obj, info = build_index(emb[gallery_ids], index)
         else:  # the whole gallery: the saved index, rebuilt if stale; unreadable rows filtered out
             gallery_ids = np.arange(len(emb))
             idx_obj, info, _ = IndexCache(st.path).get(run.path, "image", emb, index)
-    kk = min(len(gallery_ids), k + (0 if to == "text" or where else int((~run.valid_mask()).sum())))
+    valid = arrays.valid
+    kk = min(len(gallery_ids), k + (0 if to == "text" or where else int((~valid).sum())))
     scores, found = idx_obj.search(np.ascontiguousarray(q[None], dtype=np.float32), kk)
     hits = []
-    texts = run.texts() if to == "text" else None
-    meta = run.meta() if to == "image" else None
-    valid = run.valid_mask()
+    texts = arrays.texts if to == "text" else None
+    meta = arrays.meta if to == "image" else None
     for s, j in zip(scores[0], found[0], strict=True):
         if j < 0:
             continue

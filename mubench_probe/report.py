@@ -137,7 +137,7 @@ def embedding_map(x: np.ndarray, labels: Sequence[str], title: str, path: Path, 
     return path
 
 
-def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, policy_name: str = "percentile",
+def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, policy=None,
                   cols: int = 5) -> Path:
     """A grid of hit images with their captions (rank, score, label)."""
     from .imaging import get_policy, load_rgb
@@ -145,7 +145,7 @@ def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, 
     plt = _plt()
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
-    pol = get_policy(policy_name)
+    pol = policy or get_policy("percentile")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, data, cap in zip(axes.ravel(), images, captions, strict=False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,33 @@ class Run:
     def size_bytes(self) -> int:
         root = self.store_path / self.path
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+class RunArrays:
+    """A run's arrays, read from the store once and shared by all of that run's units."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        return self.run.image_embeddings()
+
+    @cached_property
+    def valid(self) -> np.ndarray:
+        return self.run.valid_mask()
+
+    @cached_property
+    def meta(self) -> pd.DataFrame:
+        return self.run.meta()
+
+    @cached_property
+    def texts(self) -> list[str] | None:
+        return self.run.texts() if self.run.has_text else None
+
+    @cached_property
+    def text_emb(self) -> np.ndarray | None:
+        return self.run.text_embeddings() if self.run.has_text else None
 
 
 def _walk_arrays(g: zarr.Group) -> Iterator[zarr.Array]:

@@ -73,12 +73,17 @@ def find_backend(spec: str) -> Backend:
     )
 
 
-def load_encoder(spec: str, device: str | None = None, precision: str = "fp32") -> Encoder:
-    """Resolve a model spec through the registry and load it on the chosen device."""
+def device_for(device: str | None, precision: str) -> torch.device:
+    """The device to run on, refusing a precision it cannot run (fp16 on a CPU)."""
     dev = select_device(device)
     check_precision(precision, dev)
-    return find_backend(spec).factory(spec, dev, precision)
+    return dev
 
 
-__all__ = ["BACKENDS", "MUBENCH_MODELS", "Backend", "Encoder", "EncoderInfo", "find_backend",
+def load_encoder(spec: str, device: str | None = None, precision: str = "fp32") -> Encoder:
+    """Resolve a model spec through the registry and load it on the chosen device."""
+    return find_backend(spec).factory(spec, device_for(device, precision), precision)
+
+
+__all__ = ["BACKENDS", "MUBENCH_MODELS", "Backend", "Encoder", "EncoderInfo", "device_for", "find_backend",
            "load_encoder", "select_device"]
