@@ -56,8 +56,9 @@ def images(n: int) -> LoadedDataset:
     base = load_dataset("sample")
     reps = -(-n // len(base))
     meta = pd.concat([base.meta] * reps, ignore_index=True).iloc[:n]
-    return LoadedDataset("sample-cycled", f"sample-x{n}", "test", {**base.identity, "rows": str(n)}, meta,
-                         _Cycle(base.reader, n))
+    return LoadedDataset(
+        "sample-cycled", f"sample-x{n}", "test", {**base.identity, "rows": str(n)}, meta, _Cycle(base.reader, n)
+    )
 
 
 def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dict[str, float]:
@@ -73,8 +74,13 @@ def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dic
             enc.encode_images(b)
 
     def data() -> None:
-        loader = DataLoader(ImageRows(ds, enc.transform, policy, input_shape(enc)), batch_size=batch_size,
-                            num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None)
+        loader = DataLoader(
+            ImageRows(ds, enc.transform, policy, input_shape(enc)),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers else None,
+        )
         for _ in loader:
             pass
 
@@ -84,8 +90,9 @@ def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dic
         rates["data"].append(_rate(data, n))
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            report = api.extract(spec, ds, store=f"{d}/s.zarr", batch_size=batch_size,
-                                 num_workers=workers, device="cpu")
+            report = api.extract(
+                spec, ds, store=f"{d}/s.zarr", batch_size=batch_size, num_workers=workers, device="cpu"
+            )
             rates["e2e"].append(n / (time.perf_counter() - t0))
             rates["full"].append(report.images_per_second)
     out = {k: statistics.median(v) for k, v in rates.items()}
@@ -102,21 +109,28 @@ def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["ViT-B-32:random", "mubench-tiny-vit:random"])
-    ap.add_argument("--images", type=int, nargs="+", default=[256, 3000],
-                    help="images per model (one value, or one per model)")
+    ap.add_argument(
+        "--images", type=int, nargs="+", default=[256, 3000], help="images per model (one value, or one per model)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     sizes = args.images if len(args.images) == len(args.models) else args.images[:1] * len(args.models)
-    print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, "
-          f"median of {args.repeats}")
-    print(f"{'model':26} {'n':>4} {'forward':>9} {'data':>8} {'full':>8} {'e2e':>8} "
-          f"{'full/fwd':>9} {'full/data':>9}   (images/s)")
+    print(
+        f"torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'model':26} {'n':>4} {'forward':>9} {'data':>8} {'full':>8} {'e2e':>8} "
+        f"{'full/fwd':>9} {'full/data':>9}   (images/s)"
+    )
     for spec, n in zip(args.models, sizes, strict=True):
         r = bench(spec, n, args.batch_size, args.workers, args.repeats)
-        print(f"{spec:26} {n:4d} {r['forward']:9.1f} {r['data']:8.1f} {r['full']:8.1f} {r['e2e']:8.1f} "
-              f"{r['full/fwd']:9.2f} {r['full/data']:9.2f}   per repeat: {r['ranges']}")
+        print(
+            f"{spec:26} {n:4d} {r['forward']:9.1f} {r['data']:8.1f} {r['full']:8.1f} {r['e2e']:8.1f} "
+            f"{r['full/fwd']:9.2f} {r['full/data']:9.2f}   per repeat: {r['ranges']}"
+        )
 
 
 if __name__ == "__main__":

@@ -68,10 +68,13 @@ def main() -> None:
     x = make_vectors(args.n, args.dim)
     rng = np.random.default_rng(1)
     queries = x[rng.choice(args.n, args.batch, replace=False)] + 0.05 * rng.standard_normal(
-        (args.batch, args.dim), dtype=np.float32)
+        (args.batch, args.dim), dtype=np.float32
+    )
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    print(f"{args.n:,} x {args.dim} vectors ({time.perf_counter() - t0:.0f} s to make), "
-          f"faiss threads {faiss.omp_get_max_threads()}, k={args.k}")
+    print(
+        f"{args.n:,} x {args.dim} vectors ({time.perf_counter() - t0:.0f} s to make), "
+        f"faiss threads {faiss.omp_get_max_threads()}, k={args.k}"
+    )
 
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(x)
@@ -95,14 +98,17 @@ def main() -> None:
     _, approx = ann.search(queries, args.k)
     recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(exact, approx, strict=True)])
 
-    rows = [("numpy matmul+argpartition", t_np1, t_np, 1.0, ""),
-            ("FAISS IndexFlatIP (exact)", t_fl1, t_fl, 1.0, ""),
-            (f"FAISS {args.ann} nprobe={args.nprobe}", t_an1, t_an, recall, f"build {t_build:.0f} s")]
+    rows = [
+        ("numpy matmul+argpartition", t_np1, t_np, 1.0, ""),
+        ("FAISS IndexFlatIP (exact)", t_fl1, t_fl, 1.0, ""),
+        (f"FAISS {args.ann} nprobe={args.nprobe}", t_an1, t_an, recall, f"build {t_build:.0f} s"),
+    ]
     print(f"{'method':34} {'1 query ms':>11} {args.batch:>5}-query s {'queries/s':>10} {'recall@10':>9}")
     for name, one, batch, rec, extra in rows:
         print(f"{name:34} {1000 * one:11.1f} {batch:13.2f} {args.batch / batch:10.0f} {rec:9.3f}  {extra}")
-    print(f"exact FAISS batch throughput / numpy = {t_np / t_fl:.2f}x (target >= 1.5x); "
-          f"single query {t_np1 / t_fl1:.2f}x")
+    print(
+        f"exact FAISS batch throughput / numpy = {t_np / t_fl:.2f}x (target >= 1.5x); single query {t_np1 / t_fl1:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ from .api import (
 from .errors import ProbeError
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_STORE", "MUBENCH_ID", "MUBENCH_MODELS", "EvalConfig", "ProbeError", "api", "compare",
-           "evaluate", "extract", "interpolate", "open_dataset", "open_store", "search", "store_info",
-           "verify_store"]
+__all__ = [
+    "DEFAULT_STORE",
+    "MUBENCH_ID",
+    "MUBENCH_MODELS",
+    "EvalConfig",
+    "ProbeError",
+    "api",
+    "compare",
+    "evaluate",
+    "extract",
+    "interpolate",
+    "open_dataset",
+    "open_store",
+    "search",
+    "store_info",
+    "verify_store",
+]

@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 
-def open_dataset(spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None,
-                 limit: int | None = None) -> LoadedDataset:
+def open_dataset(
+    spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None, limit: int | None = None
+) -> LoadedDataset:
     """Resolve a dataset spec ('sample', Hub id, folder, CSV, parquet, save_to_disk folder)."""
     return load_dataset(spec, split=split, revision=revision, limit=limit)
 
@@ -57,21 +58,47 @@ def _templates(templates: str | Path | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
 
 
-def _extract_inputs(dataset: LoadedDataset | str, store: str | Path | EmbeddingStore, intensity: str,
-                    templates: str | Path | Sequence[str] | None):
+def _extract_inputs(
+    dataset: LoadedDataset | str,
+    store: str | Path | EmbeddingStore,
+    intensity: str,
+    templates: str | Path | Sequence[str] | None,
+):
     """Everything extract and interpolate resolve the same way before loading a model."""
     ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
     return ds, st, get_policy(intensity), _templates(templates)
 
 
-def _extract_with(encoder: Any, ds: LoadedDataset, st: EmbeddingStore, policy: Any, templates: tuple[str, ...],
-                  *, chunk_rows: int, dtype: str, features: bool, overwrite: bool, batch_size: int,
-                  num_workers: int, progress: ProgressFn | None) -> ExtractReport:
-    run = prepare(st, encoder, ds, policy=policy, chunk_rows=chunk_rows, dtype=dtype, features=features,
-                  templates=templates, overwrite=overwrite)
-    return run_extraction(run, encoder, ds, policy=policy, batch_size=batch_size, num_workers=num_workers,
-                          progress=progress)
+def _extract_with(
+    encoder: Any,
+    ds: LoadedDataset,
+    st: EmbeddingStore,
+    policy: Any,
+    templates: tuple[str, ...],
+    *,
+    chunk_rows: int,
+    dtype: str,
+    features: bool,
+    overwrite: bool,
+    batch_size: int,
+    num_workers: int,
+    progress: ProgressFn | None,
+) -> ExtractReport:
+    run = prepare(
+        st,
+        encoder,
+        ds,
+        policy=policy,
+        chunk_rows=chunk_rows,
+        dtype=dtype,
+        features=features,
+        templates=templates,
+        overwrite=overwrite,
+    )
+    return run_extraction(
+        run, encoder, ds, policy=policy, batch_size=batch_size, num_workers=num_workers, progress=progress
+    )
 
 
 def extract(
@@ -94,8 +121,20 @@ def extract(
     """Embed `dataset` with `model` into the store; resumes a matching, unfinished group."""
     ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
     encoder = load_encoder(model, device=device, precision=precision)
-    return _extract_with(encoder, ds, st, policy, tmpl, chunk_rows=chunk_rows, dtype=dtype, features=features,
-                         overwrite=overwrite, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    return _extract_with(
+        encoder,
+        ds,
+        st,
+        policy,
+        tmpl,
+        chunk_rows=chunk_rows,
+        dtype=dtype,
+        features=features,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
 
 
 def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
@@ -106,8 +145,7 @@ def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
 def store_info(path: str | Path = DEFAULT_STORE, verify: bool = False) -> dict[str, Any]:
     st = EmbeddingStore(path)
     runs = st.runs()
-    info: dict[str, Any] = {"store": str(st.path), "size_bytes": st.size_bytes(),
-                            "runs": [describe(r) for r in runs]}
+    info: dict[str, Any] = {"store": str(st.path), "size_bytes": st.size_bytes(), "runs": [describe(r) for r in runs]}
     if verify:
         info["problems"] = [p for r in runs for p in r.verify()]
     return info
@@ -139,8 +177,17 @@ def evaluate(
 ) -> EvaluationResult:
     """Score every head on every task from the store alone (never loads a model or an image)."""
     tmpl = _templates(templates) if templates is not None else None  # None: the templates extracted
-    return evaluate_store(store, config, models=models, tasks=tasks, templates=tmpl, results_dir=results_dir,
-                          force=force, jobs=jobs, progress=progress)
+    return evaluate_store(
+        store,
+        config,
+        models=models,
+        tasks=tasks,
+        templates=tmpl,
+        results_dir=results_dir,
+        force=force,
+        jobs=jobs,
+        progress=progress,
+    )
 
 
 @dataclass
@@ -160,8 +207,10 @@ def _text_prototypes(run: Any) -> np.ndarray:
     from .tasks import prompt_texts
 
     plan, texts, emb = run.prompts(), run.texts(), run.text_embeddings()
-    rows = [ensemble_weights(emb[template_indices(texts, prompt_texts(classes, plan["templates"]))])
-            for _, classes in sorted(plan.get("tasks", {}).items())]
+    rows = [
+        ensemble_weights(emb[template_indices(texts, prompt_texts(classes, plan["templates"]))])
+        for _, classes in sorted(plan.get("tasks", {}).items())
+    ]
     return np.concatenate(rows) if rows else np.zeros((0, emb.shape[1]), np.float32)
 
 
@@ -178,8 +227,14 @@ def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tupl
     raise StoreError(f"{src} is neither a store nor a results folder (no zarr.json or results.parquet)")
 
 
-def compare(source: str | Path, models: Sequence[str] | None = None, *, report: str | Path | None = None,
-            k: int = 10, n_boot: int = 1000) -> CompareResult:
+def compare(
+    source: str | Path,
+    models: Sequence[str] | None = None,
+    *,
+    report: str | Path | None = None,
+    k: int = 10,
+    n_boot: int = 1000,
+) -> CompareResult:
     """Models side by side with CIs, paired tests, CKA / mutual-kNN, and optionally an HTML report."""
     from . import report as rep
     from .comparison import pairwise_tests, side_by_side, similarity_matrices
@@ -210,26 +265,34 @@ def compare(source: str | Path, models: Sequence[str] | None = None, *, report: 
         out = Path(report)
         figdir = out.with_name(out.stem + "_figures")
         figdir.mkdir(parents=True, exist_ok=True)
-        figs = [rep.perception_vs_alignment(table, figdir / "zs_vs_lp.png"),
-                rep.heatmap(table, figdir / "heatmap.png"),
-                rep.matrix_plot(cka, "linear CKA of image embeddings", figdir / "cka.png"),
-                rep.matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
-                rep.matrix_plot(text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
-                rep.alpha_curve(table, figdir / "alpha_curve.png")]
+        figs = [
+            rep.perception_vs_alignment(table, figdir / "zs_vs_lp.png"),
+            rep.heatmap(table, figdir / "heatmap.png"),
+            rep.matrix_plot(cka, "linear CKA of image embeddings", figdir / "cka.png"),
+            rep.matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
+            rep.matrix_plot(text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
+            rep.alpha_curve(table, figdir / "alpha_curve.png"),
+        ]
         for i, (m, x) in enumerate(embeddings.items()):
             figs.append(rep.embedding_map(x, labels[m], m, figdir / f"map_{i}.png"))
         result.figures = [f for f in figs if f is not None]
         sections: list = [("Perception vs. alignment", figdir / "zs_vs_lp.png")]
-        sections += [(title, p) for title, p in (("Models x tasks", figdir / "heatmap.png"),
-                                                 ("Representation similarity: CKA", figdir / "cka.png"),
-                                                 ("Representation similarity: mutual kNN", figdir / "mutual_knn.png"),
-                                                 ("Text prototypes: CKA", figdir / "text_cka.png"),
-                                                 ("Weight interpolation: accuracy vs alpha",
-                                                  figdir / "alpha_curve.png"))
-                     if p in result.figures]
+        sections += [
+            (title, p)
+            for title, p in (
+                ("Models x tasks", figdir / "heatmap.png"),
+                ("Representation similarity: CKA", figdir / "cka.png"),
+                ("Representation similarity: mutual kNN", figdir / "mutual_knn.png"),
+                ("Text prototypes: CKA", figdir / "text_cka.png"),
+                ("Weight interpolation: accuracy vs alpha", figdir / "alpha_curve.png"),
+            )
+            if p in result.figures
+        ]
         sections += [(f"Image embeddings: {m}", figdir / f"map_{i}.png") for i, m in enumerate(embeddings)]
-        sections += [("Accuracy side by side (value, 95% CI)", side),
-                     ("Paired differences (bootstrap CI) and McNemar tests", pairs)]
+        sections += [
+            ("Accuracy side by side (value, 95% CI)", side),
+            ("Paired differences (bootstrap CI) and McNemar tests", pairs),
+        ]
         if sections[0][1] not in result.figures:
             sections = sections[1:]
         result.report = rep.write_html(out, f"mubench_probe comparison: {source}", sections)
@@ -295,8 +358,20 @@ def interpolate(
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             interp.save(str(Path(save_dir) / f"interp_alpha{alpha:g}.pt"))
-        reports.append(_extract_with(
-            encoder, ds, st, policy, tmpl, chunk_rows=chunk_rows, dtype=dtype, features=False,
-            overwrite=overwrite, batch_size=batch_size, num_workers=num_workers,
-            progress=progress(encoder.info.spec) if progress else None))
+        reports.append(
+            _extract_with(
+                encoder,
+                ds,
+                st,
+                policy,
+                tmpl,
+                chunk_rows=chunk_rows,
+                dtype=dtype,
+                features=False,
+                overwrite=overwrite,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=progress(encoder.info.spec) if progress else None,
+            )
+        )
     return reports

@@ -71,33 +71,42 @@ class RateColumn(ProgressColumn):
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
 
 
 @app.command()
 @friendly
 def extract(
-    model: Annotated[list[str] | None, typer.Option("--model", "-m",
-                     help="Model spec; repeat for several. Default: the μ-Bench contrastive models.")] = None,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, "
-                                         "parquet/arrow or save_to_disk folder.")] = api.MUBENCH_ID,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model spec; repeat for several. Default: the μ-Bench contrastive models."),
+    ] = None,
+    dataset: Annotated[
+        str,
+        typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, parquet/arrow or save_to_disk folder."),
+    ] = api.MUBENCH_ID,
     split: Annotated[str | None, typer.Option(help="Dataset split (μ-Bench: test).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (μ-Bench is pinned).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
     store: StoreOpt = api.DEFAULT_STORE,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).",
-                                         min=0)] = 2,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).", min=0)] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")] = "fp32",
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
     chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the resume unit).", min=1)] = 256,
     features: Annotated[bool, typer.Option(help="Also store pre-projection features.")] = False,
-    intensity: Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")]
-        = "percentile",
-    templates: Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")]
-        = None,
+    intensity: Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")] = "percentile",
+    templates: Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Discard a group extracted differently.")] = False,
 ) -> None:
     """Embed a dataset with one or more models into the store (resumable)."""
@@ -108,13 +117,25 @@ def extract(
         with _progress() as bar:
             task = bar.add_task(spec, total=len(ds))
             report = api.extract(
-                spec, ds, store=store, batch_size=batch_size, num_workers=workers, device=device,
-                precision=precision, dtype=dtype, chunk_rows=chunk_rows, features=features,
-                intensity=intensity, templates=templates, overwrite=overwrite,
+                spec,
+                ds,
+                store=store,
+                batch_size=batch_size,
+                num_workers=workers,
+                device=device,
+                precision=precision,
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                features=features,
+                intensity=intensity,
+                templates=templates,
+                overwrite=overwrite,
                 progress=lambda n, t=task: bar.advance(t, n),
             )
-        msg = (f"{spec}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
-               f"{report.texts_encoded} texts encoded")
+        msg = (
+            f"{spec}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
+            f"{report.texts_encoded} texts encoded"
+        )
         if report.rows:
             msg += f", {report.images_per_second:.1f} img/s"
         out.print(msg, highlight=False)
@@ -130,6 +151,7 @@ def _fmt(cell: Any) -> str:
     value, lo, hi = cell
     if lo != lo:  # no CI (NaN)
         return f"{value:.3f}"
+
     def short(v: float) -> str:  # 0.29 -> .29, -0.05 -> -.05: keeps CIs readable in 80 columns
         return f"{v:.2f}".replace("0.", ".", 1)
 
@@ -141,11 +163,14 @@ def _fmt(cell: Any) -> str:
 def evaluate(
     store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
-    task: Annotated[list[str] | None, typer.Option("--task", "-t",
-                    help="Only tasks matching (e.g. 'fine/*', 'coarse/modality', 'mubench').")] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", "-t", help="Only tasks matching (e.g. 'fine/*', 'coarse/modality', 'mubench')."),
+    ] = None,
     head: Annotated[list[str] | None, typer.Option("--head", help="Heads: " + ", ".join(api.HEADS))] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder "
-                       "(default: results/<store name>).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Results folder (default: results/<store name>).")
+    ] = None,
     folds: Annotated[int, typer.Option(help="k for stratified k-fold.", min=2)] = 5,
     seed: Annotated[int, typer.Option(help="Seed for folds, few-shot draws and bootstrap.")] = 0,
     protocol: Annotated[str, typer.Option(help="kfold, or split (the dataset's split column).")] = "kfold",
@@ -156,30 +181,48 @@ def evaluate(
     templates: Annotated[Path | None, typer.Option(help="Prompt templates file (must be extracted).")] = None,
     caption_templates: Annotated[str, typer.Option(help="μ-Bench captions: both, 0 or 1.")] = "both",
     pooling: Annotated[str, typer.Option(help="μ-Bench coarse/fine pooling: micro or macro.")] = "micro",
-    exclude_dataset: Annotated[list[str] | None, typer.Option(help="Source datasets to leave out "
-                               "of the μ-Bench caption scores.")] = None,
+    exclude_dataset: Annotated[
+        list[str] | None, typer.Option(help="Source datasets to leave out of the μ-Bench caption scores.")
+    ] = None,
     jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
     force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
     cfg = api.EvalConfig(
-        heads=tuple(head) if head else api.HEADS, folds=folds, seed=seed, protocol=protocol,
-        n_boot=bootstrap, shots=_ints(shots), fewshot_seeds=fewshot_seeds, ks=_ints(knn_k),
-        caption_templates=caption_templates, pooling=pooling, exclude_datasets=tuple(exclude_dataset or ()),
+        heads=tuple(head) if head else api.HEADS,
+        folds=folds,
+        seed=seed,
+        protocol=protocol,
+        n_boot=bootstrap,
+        shots=_ints(shots),
+        fewshot_seeds=fewshot_seeds,
+        ks=_ints(knn_k),
+        caption_templates=caption_templates,
+        pooling=pooling,
+        exclude_datasets=tuple(exclude_dataset or ()),
     )
     results = out_dir or Path("results") / store.name.removesuffix(".zarr")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
         units = bar.add_task("evaluate", total=None)
 
         def tick(unit: Any, done: int, total: int) -> None:
-            bar.update(units, completed=done, total=total,
-                       description=f"{unit.run.model_spec} {unit.task_name}")
+            bar.update(units, completed=done, total=total, description=f"{unit.run.model_spec} {unit.task_name}")
 
-        res = api.evaluate(store, cfg, models=model, tasks=task, templates=templates, results_dir=results,
-                           force=force, jobs=jobs, progress=tick)
+        res = api.evaluate(
+            store,
+            cfg,
+            models=model,
+            tasks=task,
+            templates=templates,
+            results_dir=results,
+            force=force,
+            jobs=jobs,
+            progress=tick,
+        )
     summ = api.summary(res.table)
-    for model_name, rows in (summ.groupby("model", sort=True) if len(summ) else []):
+    for model_name, rows in summ.groupby("model", sort=True) if len(summ) else []:
         retrieval = rows["task"].str.startswith("retrieval/")
         for part, title in ((rows[~retrieval], "value, 95% CI"), (rows[retrieval], "retrieval")):
             cols = [c for c in part.columns if c not in ("model", "task") and part[c].notna().any()]
@@ -194,8 +237,12 @@ def evaluate(
             out.print(table)
     for note in sorted(set(res.notes)):
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    out.print(f"{res.computed} units computed, {res.skipped} already in {results}; "
-              f"results.parquet, results.csv, predictions.parquet, run.json", highlight=False, soft_wrap=True)
+    out.print(
+        f"{res.computed} units computed, {res.skipped} already in {results}; "
+        f"results.parquet, results.csv, predictions.parquet, run.json",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -213,16 +260,17 @@ def _ints(text: str) -> tuple[int, ...]:
 def interpolate(
     base: Annotated[str, typer.Option(help="Pre-trained model spec (e.g. ViT-B-32:openai).")],
     finetuned: Annotated[str, typer.Option(help="Fine-tuned model spec of the same architecture.")],
-    alphas: Annotated[str, typer.Option(help="Comma-separated alphas; weights = (1-a)*base + a*finetuned.")]
-        = "0,0.25,0.5,0.75,1",
+    alphas: Annotated[
+        str, typer.Option(help="Comma-separated alphas; weights = (1-a)*base + a*finetuned.")
+    ] = "0,0.25,0.5,0.75,1",
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for extract).")] = api.MUBENCH_ID,
     split: Annotated[str | None, typer.Option(help="Dataset split.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
     store: StoreOpt = api.DEFAULT_STORE,
-    preprocess: Annotated[str | None, typer.Option(help="Whose preprocessing if they differ: base or finetuned.")]
-        = None,
-    save_dir: Annotated[Path | None, typer.Option(help="Also save each alpha's weights here (ARCH:/path).")]
-        = None,
+    preprocess: Annotated[
+        str | None, typer.Option(help="Whose preprocessing if they differ: base or finetuned.")
+    ] = None,
+    save_dir: Annotated[Path | None, typer.Option(help="Also save each alpha's weights here (ARCH:/path).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     workers: Annotated[int, typer.Option(min=0)] = 2,
     device: Annotated[str, typer.Option()] = "auto",
@@ -245,9 +293,20 @@ def interpolate(
             t = bars.add_task(spec, total=len(ds))
             return lambda n: bars.advance(t, n)
 
-        reports = api.interpolate(base, finetuned, values, ds, store=store, preprocess=preprocess, save_dir=save_dir,
-                                  device=device, batch_size=batch_size, num_workers=workers, overwrite=overwrite,
-                                  progress=bar_for)
+        reports = api.interpolate(
+            base,
+            finetuned,
+            values,
+            ds,
+            store=store,
+            preprocess=preprocess,
+            save_dir=save_dir,
+            device=device,
+            batch_size=batch_size,
+            num_workers=workers,
+            overwrite=overwrite,
+            progress=bar_for,
+        )
     for r in reports:
         out.print(f"{r.model}: {r.chunks_written} chunks written, {r.chunks_skipped} already done", highlight=False)
     out.print(f"next: probe evaluate {store} && probe compare {store} --report report.html", highlight=False)
@@ -269,16 +328,27 @@ def info(
         for col in ("model", "dataset", "split", "rows", "chunks", "texts", "failed", "status", "MB"):
             table.add_column(col, overflow="fold")
         for r in summary["runs"]:
-            table.add_row(r["model"], r["dataset"], r["split"], str(r["rows"]), r["chunks_done"],
-                          str(r["texts"]), str(r["failed_rows"]),
-                          "complete" if r["complete"] else str(r["status"]), f"{r['size_bytes'] / 1e6:.2f}")
+            table.add_row(
+                r["model"],
+                r["dataset"],
+                r["split"],
+                str(r["rows"]),
+                r["chunks_done"],
+                str(r["texts"]),
+                str(r["failed_rows"]),
+                "complete" if r["complete"] else str(r["status"]),
+                f"{r['size_bytes'] / 1e6:.2f}",
+            )
         out.print(table)
         for r in summary["runs"]:
             p = r["provenance"]
-            out.print(f"[bold]{r['group']}[/]: weights {str(p.get('weights_hash'))[:12]}, "
-                      f"dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
-                      f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}, created {p.get('created')}",
-                      highlight=False, soft_wrap=True)
+            out.print(
+                f"[bold]{r['group']}[/]: weights {str(p.get('weights_hash'))[:12]}, "
+                f"dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
+                f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}, created {p.get('created')}",
+                highlight=False,
+                soft_wrap=True,
+            )
             out.print(f"  model: {p.get('model_spec')}", highlight=False, soft_wrap=True)
             out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
     if verify:
@@ -312,8 +382,19 @@ def search(
     device: Annotated[str, typer.Option(help="Device for encoding a new query.")] = "auto",
 ) -> None:
     """Query the store: text->image, image->image, image->text."""
-    res = api.search(store, model, text=text, image=image, row=row, to=to, k=k, where=where, dataset=dataset,
-                     index=index, device=device)
+    res = api.search(
+        store,
+        model,
+        text=text,
+        image=image,
+        row=row,
+        to=to,
+        k=k,
+        where=where,
+        dataset=dataset,
+        index=index,
+        device=device,
+    )
     if as_json:
         out.print_json(json.dumps({"query": res.query, "index": res.index, "hits": res.hits}, default=str))
     else:
@@ -325,8 +406,11 @@ def search(
             table.add_row(*[f"{h[c]:.4f}" if isinstance(h[c], float) else str(h[c]) for c in cols])
         out.print(table)
         if res.index.get("recall_at_10") is not None:
-            out.print(f"index {res.index['factory']}: recall@10 vs exact search = {res.index['recall_at_10']:.3f} "
-                      f"({res.index['recall_queries']} sampled queries)", highlight=False)
+            out.print(
+                f"index {res.index['factory']}: recall@10 vs exact search = {res.index['recall_at_10']:.3f} "
+                f"({res.index['recall_queries']} sampled queries)",
+                highlight=False,
+            )
     if sheet is not None:
         path = api.contact_sheet(store, res, sheet)
         err.print(f"contact sheet: {path}")
@@ -352,8 +436,9 @@ def compare(
             cells = []
             for m in models:
                 v = r.get((m, "value"))
-                cells.append(_fmt((v, r.get((m, "ci_low")), r.get((m, "ci_high")))) if v == v and v is not None
-                             else "–")
+                cells.append(
+                    _fmt((v, r.get((m, "ci_low")), r.get((m, "ci_high")))) if v == v and v is not None else "–"
+                )
             table.add_row(task, head, *cells)
         out.print(table)
     if not res.pairwise.empty:
@@ -361,8 +446,14 @@ def compare(
         for c in ("task", "head", "a", "b", "a - b", "p"):
             t.add_column(c, overflow="fold")
         for _, r in res.pairwise.iterrows():
-            t.add_row(r["task"], r["head"], r["model_a"], r["model_b"],
-                      _fmt((r["difference"], r["ci_low"], r["ci_high"])), f"{r['p_mcnemar']:.3g}")
+            t.add_row(
+                r["task"],
+                r["head"],
+                r["model_a"],
+                r["model_b"],
+                _fmt((r["difference"], r["ci_low"], r["ci_high"])),
+                f"{r['p_mcnemar']:.3g}",
+            )
         out.print(t)
     if not res.cka.empty:
         out.print("linear CKA (image embeddings):")

@@ -17,22 +17,30 @@ from .similarity import linear_cka, mcnemar, mutual_knn
 MAIN_HEADS = ("zs_caption", "zs_prompt", "lp", "knn@10", "proto")
 
 
-def side_by_side(table: pd.DataFrame, models: Sequence[str] | None = None,
-                 heads: Sequence[str] = MAIN_HEADS) -> pd.DataFrame:
+def side_by_side(
+    table: pd.DataFrame, models: Sequence[str] | None = None, heads: Sequence[str] = MAIN_HEADS
+) -> pd.DataFrame:
     """Accuracy with CI per (task, head) x model (overall stratum, no few-shot seeds)."""
-    t = table[(table["metric"] == "accuracy") & (table["stratum"] == "all") & table["seed"].isna()
-              & table["head"].isin(heads)]
+    t = table[
+        (table["metric"] == "accuracy") & (table["stratum"] == "all") & table["seed"].isna() & table["head"].isin(heads)
+    ]
     if models:
         t = t[t["model"].isin(models)]
     if t.empty:
         return pd.DataFrame()
-    wide = t.pivot_table(index=["task", "head"], columns="model", values=["value", "ci_low", "ci_high"],
-                         aggfunc="first")
+    wide = t.pivot_table(
+        index=["task", "head"], columns="model", values=["value", "ci_low", "ci_high"], aggfunc="first"
+    )
     return wide.swaplevel(0, 1, axis=1).sort_index(axis=1)
 
 
-def pairwise_tests(preds: pd.DataFrame, models: Sequence[str] | None = None, heads: Sequence[str] = MAIN_HEADS,
-                   n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+def pairwise_tests(
+    preds: pd.DataFrame,
+    models: Sequence[str] | None = None,
+    heads: Sequence[str] = MAIN_HEADS,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Per pair of models and (task, head): accuracy difference with a paired bootstrap CI and McNemar's p."""
     p = preds[preds["head"].isin(heads)]
     names = sorted(models or p["model"].unique())
@@ -51,10 +59,23 @@ def pairwise_tests(preds: pd.DataFrame, models: Sequence[str] | None = None, hea
             cb = (m["y_pred_b"] == m["y_true_b"]).to_numpy()
             d = paired_difference(ca, cb, n_boot, seed)["difference"]
             test = mcnemar(ca, cb)
-            rows.append({"task": task, "head": head, "model_a": a, "model_b": b, "n": len(m),
-                         "acc_a": ca.mean(), "acc_b": cb.mean(), "difference": d.value, "ci_low": d.ci_low,
-                         "ci_high": d.ci_high, "a_only": test["a_only"], "b_only": test["b_only"],
-                         "p_mcnemar": test["p_value"]})
+            rows.append(
+                {
+                    "task": task,
+                    "head": head,
+                    "model_a": a,
+                    "model_b": b,
+                    "n": len(m),
+                    "acc_a": ca.mean(),
+                    "acc_b": cb.mean(),
+                    "difference": d.value,
+                    "ci_low": d.ci_low,
+                    "ci_high": d.ci_high,
+                    "a_only": test["a_only"],
+                    "b_only": test["b_only"],
+                    "p_mcnemar": test["p_value"],
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -61,8 +61,16 @@ def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str]) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _task_arrays(run: Run, x: np.ndarray, valid: np.ndarray, meta: pd.DataFrame, task, templates: Sequence[str],
-                 texts: list[str] | None, text_emb: np.ndarray | None) -> TaskArrays:
+def _task_arrays(
+    run: Run,
+    x: np.ndarray,
+    valid: np.ndarray,
+    meta: pd.DataFrame,
+    task,
+    templates: Sequence[str],
+    texts: list[str] | None,
+    text_emb: np.ndarray | None,
+) -> TaskArrays:
     keep = valid[task.rows]
     rows = task.rows[keep]
     prompt_emb = None
@@ -76,12 +84,18 @@ def _task_arrays(run: Run, x: np.ndarray, valid: np.ndarray, meta: pd.DataFrame,
                 f"--dataset {run.provenance.get('dataset_spec')} --templates YOUR_FILE` to add these prompts"
             ) from None
         prompt_emb = text_emb[idx]
-    return TaskArrays(task, rows, x[rows], task.y[keep], meta.iloc[rows].reset_index(drop=True),
-                      prompt_emb, tuple(templates))
+    return TaskArrays(
+        task, rows, x[rows], task.y[keep], meta.iloc[rows].reset_index(drop=True), prompt_emb, tuple(templates)
+    )
 
 
-def plan_units(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | None = None,
-               tasks: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> list[Unit]:
+def plan_units(
+    store: EmbeddingStore,
+    cfg: EvalConfig,
+    models: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+) -> list[Unit]:
     """Every (model, unit) to evaluate, with the arrays each needs loaded lazily."""
     runs = [r for r in store.runs() if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
     if not runs:
@@ -90,8 +104,9 @@ def plan_units(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | N
     units = []
     for run in runs:
         if not run.complete:
-            raise StoreError(f"{run.path} is not fully extracted; rerun `probe extract` for "
-                             f"{run.model_spec} to finish it first")
+            raise StoreError(
+                f"{run.path} is not fully extracted; rerun `probe extract` for {run.model_spec} to finish it first"
+            )
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
         arrays = RunArrays(run)
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
@@ -182,8 +197,13 @@ def evaluate_store(
     t0 = time.perf_counter()
     notes: list[str] = []
     timings: dict[str, float] = {}
-    record = {"config": cfg.as_dict(), "store": str(st.path), "python": platform.python_version(),
-              "versions": _versions(), "models": sorted({u.run.model_spec for u in units})}
+    record = {
+        "config": cfg.as_dict(),
+        "store": str(st.path),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "models": sorted({u.run.model_spec for u in units}),
+    }
 
     def finish(unit: Unit, out: Output, seconds: float) -> None:
         nonlocal table, preds
@@ -193,8 +213,11 @@ def evaluate_store(
         notes.extend(f"{unit.run.model_spec}: {n}" for n in out.notes)
         timings[f"{unit.run.model_spec} {unit.task_name}"] = round(seconds, 3)
         if rd:
-            rd.save(table, preds, {**record, "notes": notes, "timings_s": timings,
-                                   "elapsed_s": round(time.perf_counter() - t0, 3)})
+            rd.save(
+                table,
+                preds,
+                {**record, "notes": notes, "timings_s": timings, "elapsed_s": round(time.perf_counter() - t0, 3)},
+            )
         if progress:
             progress(unit, len(timings), len(todo))
 
@@ -212,9 +235,14 @@ def evaluate_store(
         for unit in todo:
             s = time.perf_counter()
             finish(unit, run_unit(unit, cfg), time.perf_counter() - s)
-    return EvaluationResult(table.reset_index(drop=True), preds.reset_index(drop=True), notes,
-                            computed=len(todo), skipped=len(units) - len(todo),
-                            results_dir=rd.path if rd else None)
+    return EvaluationResult(
+        table.reset_index(drop=True),
+        preds.reset_index(drop=True),
+        notes,
+        computed=len(todo),
+        skipped=len(units) - len(todo),
+        results_dir=rd.path if rd else None,
+    )
 
 
 def _versions() -> dict[str, str]:

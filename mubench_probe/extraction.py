@@ -46,8 +46,13 @@ def package_versions() -> dict[str, str]:
 class ImageRows(Dataset):
     """Row i -> (i, tensor, failure reason); an unreadable image yields zeros and a reason."""
 
-    def __init__(self, ds: LoadedDataset, transform: Callable[[Any], torch.Tensor],
-                 policy: IntensityPolicy, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        ds: LoadedDataset,
+        transform: Callable[[Any], torch.Tensor],
+        policy: IntensityPolicy,
+        shape: tuple[int, ...],
+    ) -> None:
         self.reader, self.transform, self.policy, self.shape = ds.reader, transform, policy, shape
 
     def __len__(self) -> int:
@@ -134,9 +139,18 @@ def plan_texts(ds: LoadedDataset, templates: Sequence[str]) -> tuple[list[str], 
     return texts, plan
 
 
-def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, *, policy: IntensityPolicy,
-            chunk_rows: int = 256, dtype: str = "float16", features: bool = False,
-            templates: Sequence[str] = DEFAULT_TEMPLATES, overwrite: bool = False) -> Run:
+def prepare(
+    store: EmbeddingStore,
+    encoder: Encoder,
+    ds: LoadedDataset,
+    *,
+    policy: IntensityPolicy,
+    chunk_rows: int = 256,
+    dtype: str = "float16",
+    features: bool = False,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    overwrite: bool = False,
+) -> Run:
     """Create or reopen the run group for (encoder, dataset) with full provenance."""
     if chunk_rows < 1:
         raise UsageError("--chunk-rows must be at least 1")
@@ -147,18 +161,26 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, *, polic
     index = {t: i for i, t in enumerate(texts)}
     captions = caption_tables(ds, index) if encoder.has_text else {}
     provenance = {
-        "model_spec": info.spec, "backend": info.backend, "weights_hash": info.weights_hash,
-        "preprocess": info.preprocess, "tokenizer": info.tokenizer,
-        "context_length": info.context_length, "has_text": info.has_text,
+        "model_spec": info.spec,
+        "backend": info.backend,
+        "weights_hash": info.weights_hash,
+        "preprocess": info.preprocess,
+        "tokenizer": info.tokenizer,
+        "context_length": info.context_length,
+        "has_text": info.has_text,
         "intensity_policy": policy.describe(),
-        "dataset_spec": ds.spec, "dataset_format": ds.identity.get("format"),
-        "dataset_id": ds.identity.get("id"), "dataset_revision": ds.identity.get("revision"),
+        "dataset_spec": ds.spec,
+        "dataset_format": ds.identity.get("format"),
+        "dataset_id": ds.identity.get("id"),
+        "dataset_revision": ds.identity.get("revision"),
         "dataset_fingerprint": ds.identity.get("fingerprint"),
-        "dataset_limit": ds.identity.get("limit"), "split": ds.split,
+        "dataset_limit": ds.identity.get("limit"),
+        "split": ds.split,
         "versions": package_versions(),
     }
-    layout = RunLayout(len(ds), info.embed_dim, chunk_rows, dtype,
-                       (info.feature_dim or info.embed_dim) if features else None)
+    layout = RunLayout(
+        len(ds), info.embed_dim, chunk_rows, dtype, (info.feature_dim or info.embed_dim) if features else None
+    )
     path = f"{slug(info.spec)}/{ds.key}/{slug(ds.split)}"
     return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, overwrite)
 
@@ -202,9 +224,17 @@ def _rows(layout: RunLayout, ci: int) -> int:
     return sl.stop - sl.start
 
 
-def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy, missing: list[int],
-          batch_size: int, num_workers: int, progress: ProgressFn | None,
-          while_workers_start: Callable[[], None]) -> tuple[int, float]:
+def _fill(
+    run: Run,
+    encoder: Encoder,
+    ds: LoadedDataset,
+    policy: IntensityPolicy,
+    missing: list[int],
+    batch_size: int,
+    num_workers: int,
+    progress: ProgressFn | None,
+    while_workers_start: Callable[[], None],
+) -> tuple[int, float]:
     """The hot loop: decode in workers, forward here, write whole chunks in a thread.
 
     `while_workers_start` (the text encoding) runs after the workers have begun decoding, so
@@ -217,7 +247,9 @@ def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
-        num_workers=num_workers, collate_fn=_collate, worker_init_fn=_lower_priority,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_lower_priority,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )
@@ -247,9 +279,15 @@ def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy
             if progress:
                 progress(len(rows))
             if rows[-1] == layout.chunk_slice(current).stop - 1:
-                pending.append(writer.submit(
-                    run.write_chunk, current, np.concatenate(emb_buf), fail_buf,
-                    np.concatenate(feat_buf) if feat_buf else None))
+                pending.append(
+                    writer.submit(
+                        run.write_chunk,
+                        current,
+                        np.concatenate(emb_buf),
+                        fail_buf,
+                        np.concatenate(feat_buf) if feat_buf else None,
+                    )
+                )
                 emb_buf, feat_buf, fail_buf = [], [], []
                 current = next(chunks, -1)
                 for f in [f for f in pending if f.done()]:
@@ -260,9 +298,17 @@ def _fill(run: Run, encoder: Encoder, ds: LoadedDataset, policy: IntensityPolicy
     return rows_done, time.perf_counter() - t_start - side
 
 
-def run_extraction(run: Run, encoder: Encoder, ds: LoadedDataset, *, policy: IntensityPolicy,
-                   batch_size: int = 64, num_workers: int = 2, text_batch_size: int = 256,
-                   progress: ProgressFn | None = None) -> ExtractReport:
+def run_extraction(
+    run: Run,
+    encoder: Encoder,
+    ds: LoadedDataset,
+    *,
+    policy: IntensityPolicy,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    text_batch_size: int = 256,
+    progress: ProgressFn | None = None,
+) -> ExtractReport:
     """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point."""
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -285,8 +331,9 @@ def run_extraction(run: Run, encoder: Encoder, ds: LoadedDataset, *, policy: Int
     rows_done, image_seconds = 0, 0.0
     try:
         if missing:
-            rows_done, image_seconds = _fill(run, encoder, ds, policy, missing, batch_size, num_workers,
-                                             progress, encode_texts)
+            rows_done, image_seconds = _fill(
+                run, encoder, ds, policy, missing, batch_size, num_workers, progress, encode_texts
+            )
         else:
             encode_texts()
     except BaseException:
@@ -294,5 +341,14 @@ def run_extraction(run: Run, encoder: Encoder, ds: LoadedDataset, *, policy: Int
         raise
     failures = run.failures()
     run.set_attrs(status="complete" if run.complete else "incomplete")
-    return ExtractReport(run.path, encoder.info.spec, rows_done, len(missing), skipped, texts_encoded,
-                         failures, time.perf_counter() - t0, image_seconds)
+    return ExtractReport(
+        run.path,
+        encoder.info.spec,
+        rows_done,
+        len(missing),
+        skipped,
+        texts_encoded,
+        failures,
+        time.perf_counter() - t0,
+        image_seconds,
+    )

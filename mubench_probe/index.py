@@ -64,8 +64,14 @@ def build_index(x: np.ndarray, factory: str = EXACT, recall_sample: int = 1000, 
             raise UsageError(f"index {factory!r} needs at least {index.nlist} vectors to train; have {len(x)}")
         index.train(x)
     index.add(x)
-    info = IndexInfo(factory, "inner_product", len(x), x.shape[1], embeddings_hash(x),
-                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    info = IndexInfo(
+        factory,
+        "inner_product",
+        len(x),
+        x.shape[1],
+        embeddings_hash(x),
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     if factory != EXACT:
         rng = np.random.default_rng(seed)
         q = x[rng.choice(len(x), size=min(recall_sample, len(x)), replace=False)]

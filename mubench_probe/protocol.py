@@ -66,18 +66,46 @@ class Output:
     predictions: list[pd.DataFrame] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, task: str, head: str, metric: str, est: Estimate | float, stratum: str = "all",
-            seed: int | None = None, n: int | None = None) -> None:
+    def add(
+        self,
+        task: str,
+        head: str,
+        metric: str,
+        est: Estimate | float,
+        stratum: str = "all",
+        seed: int | None = None,
+        n: int | None = None,
+    ) -> None:
         if isinstance(est, Estimate):
             value, lo, hi, n = est.value, est.ci_low, est.ci_high, est.n
         else:
             value, lo, hi = float(est), float("nan"), float("nan")
-        self.records.append({"task": task, "head": head, "metric": metric, "stratum": stratum,
-                             "value": value, "ci_low": lo, "ci_high": hi, "n": n, "seed": seed})
+        self.records.append(
+            {
+                "task": task,
+                "head": head,
+                "metric": metric,
+                "stratum": stratum,
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": n,
+                "seed": seed,
+            }
+        )
 
     def predict(self, task: str, head: str, rows: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
-        self.predictions.append(pd.DataFrame({"task": task, "head": head, "row": rows.astype(np.int64),
-                                              "y_true": y.astype(np.int64), "y_pred": p.astype(np.int64)}))
+        self.predictions.append(
+            pd.DataFrame(
+                {
+                    "task": task,
+                    "head": head,
+                    "row": rows.astype(np.int64),
+                    "y_true": y.astype(np.int64),
+                    "y_pred": p.astype(np.int64),
+                }
+            )
+        )
 
     def extend(self, other: Output) -> None:
         self.records += other.records
@@ -86,6 +114,7 @@ class Output:
 
 
 # ---- folds ---------------------------------------------------------------------------------------
+
 
 def task_folds(t: TaskArrays, cfg: EvalConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
     """Train/test index pairs over the task's rows, and a note on how they were made.
@@ -133,6 +162,7 @@ def few_shot_indices(y: np.ndarray, train: np.ndarray, shots: int, seed: int) ->
 
 # ---- heads on one task ---------------------------------------------------------------------------
 
+
 def _oof(t: TaskArrays, folds, make) -> np.ndarray:
     """Out-of-fold predictions: every test row is predicted by a head fit without it."""
     pred = np.full(len(t.y), -1, dtype=np.int64)
@@ -141,8 +171,16 @@ def _oof(t: TaskArrays, folds, make) -> np.ndarray:
     return pred
 
 
-def _report(out: Output, t: TaskArrays, head: str, idx: np.ndarray, pred: np.ndarray, cfg: EvalConfig,
-            strata: bool = True, seed: int | None = None) -> None:
+def _report(
+    out: Output,
+    t: TaskArrays,
+    head: str,
+    idx: np.ndarray,
+    pred: np.ndarray,
+    cfg: EvalConfig,
+    strata: bool = True,
+    seed: int | None = None,
+) -> None:
     name, y = t.task.name, t.y[idx]
     metrics = classification_metrics(y, pred, t.task.n_classes, cfg.n_boot, cfg.seed, class_names=t.task.classes)
     for metric, est in metrics.items():
@@ -181,8 +219,13 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
             correct["zs"] = pred == t.y
             for j, tmpl in enumerate(t.templates):
                 p = PromptZeroShot(t.prompt_emb, template=j).fit().predict(t.x)
-                out.add(name, f"zs_prompt[{j}]", "accuracy",
-                        classification_metrics(t.y, p, n_classes, 0)["accuracy"], stratum=f"template={tmpl}")
+                out.add(
+                    name,
+                    f"zs_prompt[{j}]",
+                    "accuracy",
+                    classification_metrics(t.y, p, n_classes, 0)["accuracy"],
+                    stratum=f"template={tmpl}",
+                )
             accs = [r["value"] for r in out.records if r["head"].startswith("zs_prompt[")]
             if accs:
                 out.add(name, "zs_prompt", "template_spread", float(np.max(accs) - np.min(accs)), n=len(t.y))
@@ -236,8 +279,10 @@ def _few_shot(out: Output, t: TaskArrays, folds, cfg: EvalConfig) -> None:
             idx = few_shot_indices(t.y, train, shots, seed=cfg.seed * 1000 + s)
             if idx is None:
                 break
-            for head, make in (("lp", lambda s=s: LinearProbe(Cs=cfg.cs, val_fraction=0.5, random_state=s)),
-                               ("proto", lambda: PrototypeHead(t.task.n_classes))):
+            for head, make in (
+                ("lp", lambda s=s: LinearProbe(Cs=cfg.cs, val_fraction=0.5, random_state=s)),
+                ("proto", lambda: PrototypeHead(t.task.n_classes)),
+            ):
                 pred = make().fit(t.x[idx], t.y[idx]).predict(t.x[test])
                 est = classification_metrics(t.y[test], pred, t.task.n_classes, 0)["accuracy"]
                 out.add(t.task.name, f"{head}_{shots}shot", "accuracy", est, seed=s)
@@ -246,15 +291,27 @@ def _few_shot(out: Output, t: TaskArrays, folds, cfg: EvalConfig) -> None:
             if values:
                 sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 m, half = float(np.mean(values)), 1.96 * sd / np.sqrt(len(values))
-                out.records.append({"task": t.task.name, "head": f"{head}_{shots}shot", "metric": "accuracy",
-                                    "stratum": "mean_over_seeds", "value": m, "ci_low": m - half,
-                                    "ci_high": m + half, "n": len(values), "seed": None})
+                out.records.append(
+                    {
+                        "task": t.task.name,
+                        "head": f"{head}_{shots}shot",
+                        "metric": "accuracy",
+                        "stratum": "mean_over_seeds",
+                        "value": m,
+                        "ci_low": m - half,
+                        "ci_high": m + half,
+                        "n": len(values),
+                        "seed": None,
+                    }
+                )
 
 
 # ---- μ-Bench caption protocol ----------------------------------------------------------------------
 
+
 def caption_keys(available: Sequence[str], templates: str) -> dict[str, list[str]]:
     """Caption keys per pooled group ("coarse", "fine"), honouring the template choice."""
+
     def keep(key: str) -> bool:
         second = key.endswith("_1")
         return templates == "both" or (templates == "1") == second
@@ -265,8 +322,14 @@ def caption_keys(available: Sequence[str], templates: str) -> dict[str, list[str
     }
 
 
-def evaluate_captions(image_emb: np.ndarray, text_emb: np.ndarray, captions: dict[str, tuple[np.ndarray, np.ndarray]],
-                      meta: pd.DataFrame, valid: np.ndarray, cfg: EvalConfig) -> Output:
+def evaluate_captions(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    captions: dict[str, tuple[np.ndarray, np.ndarray]],
+    meta: pd.DataFrame,
+    valid: np.ndarray,
+    cfg: EvalConfig,
+) -> Output:
     """μ-Bench zero-shot: per caption key, per source dataset, and pooled coarse / fine."""
     out = Output()
     keep = valid.copy()
@@ -295,16 +358,25 @@ def evaluate_captions(image_emb: np.ndarray, text_emb: np.ndarray, captions: dic
             per_key.append(est.value)
         if pooled:
             if cfg.pooling == "macro":
-                out.add(f"mubench/{group}", "zs_caption", "accuracy", float(np.mean(per_key)),
-                        n=int(sum(len(p) for p in pooled)))
+                out.add(
+                    f"mubench/{group}",
+                    "zs_caption",
+                    "accuracy",
+                    float(np.mean(per_key)),
+                    n=int(sum(len(p) for p in pooled)),
+                )
             else:
                 out.add(f"mubench/{group}", "zs_caption", "accuracy", _binary(np.concatenate(pooled), cfg))
     return out
 
 
-def evaluate_retrieval(image_emb: np.ndarray, text_emb: np.ndarray,
-                       captions: dict[str, tuple[np.ndarray, np.ndarray]], valid: np.ndarray,
-                       cfg: EvalConfig) -> Output:
+def evaluate_retrieval(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    captions: dict[str, tuple[np.ndarray, np.ndarray]],
+    valid: np.ndarray,
+    cfg: EvalConfig,
+) -> Output:
     """Image->text and text->image Recall@1/5/10 and mAP per caption key (see heads.retrieval)."""
     out = Output()
     for key in sorted(captions):

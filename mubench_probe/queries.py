@@ -32,8 +32,7 @@ def pick_run(store: EmbeddingStore, model: str | None, dataset: str | None = Non
         have = ", ".join(sorted({r.model_spec for r in store.runs()})) or "none"
         raise StoreError(f"no extracted model {model!r} in {store.path} (have: {have})")
     if len(runs) > 1:
-        raise UsageError(f"{len(runs)} groups match; pass --model and --dataset: "
-                         + ", ".join(r.path for r in runs))
+        raise UsageError(f"{len(runs)} groups match; pass --model and --dataset: " + ", ".join(r.path for r in runs))
     return runs[0]
 
 
@@ -43,12 +42,16 @@ def matching_encoder(run: Run, device: str | None = None):
 
     p = run.provenance
     enc = load_encoder(p["model_spec"], device=device)
-    diffs = [k for k, mine in (("weights_hash", enc.info.weights_hash), ("preprocess", enc.info.preprocess))
-             if p.get(k) != mine]
+    diffs = [
+        k
+        for k, mine in (("weights_hash", enc.info.weights_hash), ("preprocess", enc.info.preprocess))
+        if p.get(k) != mine
+    ]
     if diffs:
         raise ProvenanceMismatchError(
             f"the model loaded for {p['model_spec']} differs from the one in the store ({', '.join(diffs)}); "
-            "queries would not be comparable with the stored embeddings")
+            "queries would not be comparable with the stored embeddings"
+        )
     return enc
 
 
@@ -79,10 +82,20 @@ def _gallery_mask(arrays: RunArrays, where: dict[str, str]) -> np.ndarray:
     return mask
 
 
-def search_store(store: str | Path | EmbeddingStore, model: str | None, *, text: str | None = None,
-                 image: str | Path | None = None, row: int | None = None, to: str = "image", k: int = 10,
-                 where: list[str] | None = None, dataset: str | None = None, index: str = EXACT,
-                 device: str | None = None) -> SearchResult:
+def search_store(
+    store: str | Path | EmbeddingStore,
+    model: str | None,
+    *,
+    text: str | None = None,
+    image: str | Path | None = None,
+    row: int | None = None,
+    to: str = "image",
+    k: int = 10,
+    where: list[str] | None = None,
+    dataset: str | None = None,
+    index: str = EXACT,
+    device: str | None = None,
+) -> SearchResult:
     """Top-k hits for one query; plain data out (lists of dicts)."""
     if sum(v is not None for v in (text, image, row)) != 1:
         raise UsageError("give exactly one of --text, --image or --row")
@@ -162,9 +175,12 @@ def hit_images(run: Run, rows: list[int]) -> list[bytes]:
 
     p = run.provenance
     limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
-    ds = load_dataset(p.get("dataset_spec") or "sample", split=p.get("split"), revision=p.get("dataset_revision"),
-                      limit=limit)
+    ds = load_dataset(
+        p.get("dataset_spec") or "sample", split=p.get("split"), revision=p.get("dataset_revision"), limit=limit
+    )
     if p.get("dataset_fingerprint") and ds.identity.get("fingerprint") != p["dataset_fingerprint"]:
-        raise StoreError(f"the dataset {p.get('dataset_spec')} changed since extraction (fingerprint differs); "
-                         "cannot show its images for these hits")
+        raise StoreError(
+            f"the dataset {p.get('dataset_spec')} changed since extraction (fingerprint differs); "
+            "cannot show its images for these hits"
+        )
     return [ds.reader.read(r) for r in rows]

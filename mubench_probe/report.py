@@ -34,13 +34,13 @@ def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
         return None
     models = sorted(t["model"].unique())
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4, 2.2 + 1.6 * len(models)) * len(tasks), 3.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4, 2.2 + 1.6 * len(models)) * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         g = t[t["task"] == task]
         width = 0.38
-        for j, (head, colour, name) in enumerate((("zs_prompt", "#d95f02", "zero-shot (prompts)"),
-                                                   ("lp", "#1b9e77", "linear probe"))):
+        for j, (head, colour, name) in enumerate(
+            (("zs_prompt", "#d95f02", "zero-shot (prompts)"), ("lp", "#1b9e77", "linear probe"))
+        ):
             vals, lo, hi = [], [], []
             for m in models:
                 r = g[(g["model"] == m) & (g["head"] == head)]
@@ -66,8 +66,10 @@ def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
 def heatmap(table: pd.DataFrame, path: Path, heads: Sequence[str] = ("zs_caption", "zs_prompt", "lp")) -> Path | None:
     """Models x tasks accuracy, one row per (model, head)."""
     t = _acc(table)
-    t = t[t["head"].isin(heads) & ~(t["task"].str.startswith("mubench/")
-                                    & ~t["task"].isin(["mubench/coarse", "mubench/fine"]))]
+    t = t[
+        t["head"].isin(heads)
+        & ~(t["task"].str.startswith("mubench/") & ~t["task"].isin(["mubench/coarse", "mubench/fine"]))
+    ]
     if t.empty:
         return None
     wide = t.pivot_table(index=["model", "head"], columns="task", values="value", aggfunc="first")
@@ -137,8 +139,7 @@ def embedding_map(x: np.ndarray, labels: Sequence[str], title: str, path: Path, 
     return path
 
 
-def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, policy=None,
-                  cols: int = 5) -> Path:
+def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, policy=None, cols: int = 5) -> Path:
     """A grid of hit images with their captions (rank, score, label)."""
     from .imaging import get_policy, load_rgb
 
@@ -164,10 +165,13 @@ def _img(path: Path) -> str:
 
 def write_html(path: Path, title: str, sections: Sequence[tuple[str, str | Path | pd.DataFrame]]) -> Path:
     """One HTML file: headings, inlined PNGs and tables; no external assets."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "figure{margin:1em 0}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "figure{margin:1em 0}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(body, Path):
@@ -193,16 +197,28 @@ def alpha_points(table: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy per (parents, alpha, task group, head) over non-μ-Bench tasks, for interp(...) models."""
     from .encoders.interpolate import parse_interp
 
-    t = table[(table["metric"] == "accuracy") & table["seed"].isna() & table["head"].isin(["zs_prompt", "lp"])
-              & table["model"].str.startswith("interp(")]
+    t = table[
+        (table["metric"] == "accuracy")
+        & table["seed"].isna()
+        & table["head"].isin(["zs_prompt", "lp"])
+        & table["model"].str.startswith("interp(")
+    ]
     rows = []
     for model, g in t.groupby("model"):
         spec = parse_interp(model)
         for group, pick in ALPHA_GROUPS:
             sel = g[g["stratum"].map(pick)]
             for head, h in sel.groupby("head"):
-                rows.append({"parents": f"{spec.base} -> {spec.finetuned}", "alpha": spec.alpha, "group": group,
-                             "head": head, "accuracy": h["value"].mean(), "tasks": h["task"].nunique()})
+                rows.append(
+                    {
+                        "parents": f"{spec.base} -> {spec.finetuned}",
+                        "alpha": spec.alpha,
+                        "group": group,
+                        "head": head,
+                        "accuracy": h["value"].mean(),
+                        "tasks": h["task"].nunique(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 

@@ -13,8 +13,21 @@ from typing import Any
 
 import pandas as pd
 
-COLUMNS = ("model", "dataset", "task", "head", "metric", "stratum", "value", "ci_low", "ci_high", "n",
-           "seed", "provenance", "unit")
+COLUMNS = (
+    "model",
+    "dataset",
+    "task",
+    "head",
+    "metric",
+    "stratum",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "seed",
+    "provenance",
+    "unit",
+)
 PRED_COLUMNS = ("model", "dataset", "task", "head", "row", "y_true", "y_pred", "unit")
 
 
@@ -40,8 +53,11 @@ class ResultsDir:
 
     def load(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         table = pd.read_parquet(self.table_path) if self.table_path.exists() else pd.DataFrame(columns=COLUMNS)
-        preds = (pd.read_parquet(self.predictions_path) if self.predictions_path.exists()
-                 else pd.DataFrame(columns=PRED_COLUMNS))
+        preds = (
+            pd.read_parquet(self.predictions_path)
+            if self.predictions_path.exists()
+            else pd.DataFrame(columns=PRED_COLUMNS)
+        )
         return table, preds
 
     def save(self, table: pd.DataFrame, preds: pd.DataFrame, record: dict[str, Any]) -> None:

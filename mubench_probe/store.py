@@ -33,9 +33,21 @@ FORMAT_VERSION = 1
 DEFAULT_STORE = Path("stores") / "default.zarr"
 # Keys of the provenance that must agree before new rows join an existing group.
 IDENTITY_KEYS = (
-    "model_spec", "backend", "weights_hash", "preprocess", "intensity_policy",
-    "dataset_format", "dataset_id", "dataset_revision", "dataset_fingerprint", "dataset_limit",
-    "n_rows", "embed_dim", "dtype", "chunk_rows", "features",
+    "model_spec",
+    "backend",
+    "weights_hash",
+    "preprocess",
+    "intensity_policy",
+    "dataset_format",
+    "dataset_id",
+    "dataset_revision",
+    "dataset_fingerprint",
+    "dataset_limit",
+    "n_rows",
+    "embed_dim",
+    "dtype",
+    "chunk_rows",
+    "features",
 )
 
 
@@ -73,8 +85,7 @@ _STR = np.dtypes.StringDType()
 
 def _str_array(values: Sequence[Any]) -> np.ndarray:
     """Variable-length strings (Zarr's vlen-utf8); None and NaN become ""."""
-    return np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-                     for v in values], dtype=_STR)
+    return np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values], dtype=_STR)
 
 
 def _read_str(arr: zarr.Array) -> np.ndarray:
@@ -132,8 +143,9 @@ class Run:
     def complete(self) -> bool:
         return self.texts_done and not self.missing_chunks()
 
-    def write_chunk(self, ci: int, emb: np.ndarray, failures: Sequence[str],
-                    features: np.ndarray | None = None) -> None:
+    def write_chunk(
+        self, ci: int, emb: np.ndarray, failures: Sequence[str], features: np.ndarray | None = None
+    ) -> None:
         """Write one whole row chunk, then flag it done (a crash before the flag redoes it)."""
         sl = self.layout.chunk_slice(ci)
         if emb.shape[0] != sl.stop - sl.start:
@@ -293,8 +305,7 @@ class EmbeddingStore:
                     out.append(Run(s, self.path))
         return out
 
-    def find(self, model: str | None = None, dataset: str | None = None,
-             split: str | None = None) -> list[Run]:
+    def find(self, model: str | None = None, dataset: str | None = None, split: str | None = None) -> list[Run]:
         """Runs matching a model spec or key, a dataset key and a split (None = any)."""
         found = []
         for r in self.runs():
@@ -324,9 +335,15 @@ class EmbeddingStore:
         Texts and captions may change between runs (other prompt templates): they are
         rewritten without touching finished image chunks.
         """
-        provenance = {**provenance, "n_rows": layout.n_rows, "embed_dim": layout.embed_dim,
-                      "dtype": layout.dtype, "chunk_rows": layout.chunk_rows,
-                      "feature_dim": layout.feature_dim, "features": layout.feature_dim is not None}
+        provenance = {
+            **provenance,
+            "n_rows": layout.n_rows,
+            "embed_dim": layout.embed_dim,
+            "dtype": layout.dtype,
+            "chunk_rows": layout.chunk_rows,
+            "feature_dim": layout.feature_dim,
+            "features": layout.feature_dim is not None,
+        }
         if path in self.root:
             run = Run(self.root[path], self.path)
             diff = identity_diff(run.provenance, provenance)
@@ -346,16 +363,26 @@ class EmbeddingStore:
         g = self.root.require_group(path)
         n, cr = layout.n_rows, layout.chunk_rows
         comp = _compressors()
-        g.create_array("image_emb", shape=(n, layout.embed_dim), chunks=(cr, layout.embed_dim),
-                       dtype=layout.dtype, compressors=comp, fill_value=0)
+        g.create_array(
+            "image_emb",
+            shape=(n, layout.embed_dim),
+            chunks=(cr, layout.embed_dim),
+            dtype=layout.dtype,
+            compressors=comp,
+            fill_value=0,
+        )
         if layout.feature_dim is not None:
-            g.create_array("features", shape=(n, layout.feature_dim), chunks=(cr, layout.feature_dim),
-                           dtype=layout.dtype, compressors=comp, fill_value=0)
-        g.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False,
-                       compressors=comp)
+            g.create_array(
+                "features",
+                shape=(n, layout.feature_dim),
+                chunks=(cr, layout.feature_dim),
+                dtype=layout.dtype,
+                compressors=comp,
+                fill_value=0,
+            )
+        g.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False, compressors=comp)
         g.create_array("failure", shape=(n,), chunks=(cr,), dtype=_STR, compressors=comp, fill_value="")
-        g.create_array("row_index", data=np.arange(n, dtype=np.int64), chunks=(max(n, 1),),
-                       compressors=comp)
+        g.create_array("row_index", data=np.arange(n, dtype=np.int64), chunks=(max(n, 1),), compressors=comp)
         mg = g.require_group("meta")
         for col in meta.columns:
             values = meta[col].to_numpy()
@@ -366,28 +393,45 @@ class EmbeddingStore:
             mg.create_array(col, data=data, chunks=(max(n, 1),), compressors=comp)
         mg.attrs["columns"] = [str(c) for c in meta.columns]
         self._write_texts(g, texts, captions, layout)
-        g.attrs.update({"provenance": {**provenance, "created": _now()}, "prompts": dict(prompts),
-                        "texts_done": False, "status": "new", "updated": _now()})
+        g.attrs.update(
+            {
+                "provenance": {**provenance, "created": _now()},
+                "prompts": dict(prompts),
+                "texts_done": False,
+                "status": "new",
+                "updated": _now(),
+            }
+        )
         return Run(g, self.path)
 
     @staticmethod
-    def _write_texts(g: zarr.Group, texts: Sequence[str],
-                     captions: Mapping[str, tuple[np.ndarray, np.ndarray]], layout: RunLayout) -> None:
+    def _write_texts(
+        g: zarr.Group, texts: Sequence[str], captions: Mapping[str, tuple[np.ndarray, np.ndarray]], layout: RunLayout
+    ) -> None:
         comp = _compressors()
         t = max(len(texts), 1)
         for name in ("texts", "text_emb", "captions"):
             if name in g:
                 del g[name]
         g.create_array("texts", data=_str_array(list(texts)), chunks=(t,), compressors=comp)
-        g.create_array("text_emb", shape=(len(texts), layout.embed_dim),
-                       chunks=(t, layout.embed_dim), dtype=layout.dtype, compressors=comp, fill_value=0)
+        g.create_array(
+            "text_emb",
+            shape=(len(texts), layout.embed_dim),
+            chunks=(t, layout.embed_dim),
+            dtype=layout.dtype,
+            compressors=comp,
+            fill_value=0,
+        )
         cg = g.require_group("captions")
         for key, (options, answer) in captions.items():
             kg = cg.require_group(key)
-            kg.create_array("options", data=options.astype(np.int32),
-                            chunks=(max(options.shape[0], 1), max(options.shape[1], 1)), compressors=comp)
-            kg.create_array("answer", data=answer.astype(np.int32), chunks=(max(answer.shape[0], 1),),
-                            compressors=comp)
+            kg.create_array(
+                "options",
+                data=options.astype(np.int32),
+                chunks=(max(options.shape[0], 1), max(options.shape[1], 1)),
+                compressors=comp,
+            )
+            kg.create_array("answer", data=answer.astype(np.int32), chunks=(max(answer.shape[0], 1),), compressors=comp)
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -31,11 +31,18 @@ ATTRS = {
     "modality": ("light microscopy", ["fluorescence microscopy", "electron microscopy"]),
     "submodality": (
         "brightfield microscopy",
-        ["phase contrast microscopy", "confocal microscopy", "widefield fluorescence microscopy",
-         "transmission electron microscopy", "scanning electron microscopy"],
+        [
+            "phase contrast microscopy",
+            "confocal microscopy",
+            "widefield fluorescence microscopy",
+            "transmission electron microscopy",
+            "scanning electron microscopy",
+        ],
     ),
-    "stain": ("Romanowsky-type stain", ["hematoxylin and eosin", "immunohistochemistry",
-                                         "DAPI", "Papanicolaou stain", "unstained"]),
+    "stain": (
+        "Romanowsky-type stain",
+        ["hematoxylin and eosin", "immunohistochemistry", "DAPI", "Papanicolaou stain", "unstained"],
+    ),
 }
 CLASS_TEXT = {
     "platelet": "platelet",
@@ -80,10 +87,28 @@ def build(source: Path, per_class: int, seed: int = 0) -> datasets.Dataset:
     picked.sort(key=lambda r: r["path"])
     rng.shuffle(picked)  # classes interleaved, so any --limit prefix has every class
 
-    records: dict[str, list] = {k: [] for k in (
-        "image", "image_id", "label", "label_name", "dataset", "domain", "subdomain", "modality",
-        "submodality", "stain", "ncbitaxon_name", "microns_per_pixel", "split", "synthetic",
-        "license", "captions", "questions")}
+    records: dict[str, list] = {
+        k: []
+        for k in (
+            "image",
+            "image_id",
+            "label",
+            "label_name",
+            "dataset",
+            "domain",
+            "subdomain",
+            "modality",
+            "submodality",
+            "stain",
+            "ncbitaxon_name",
+            "microns_per_pixel",
+            "split",
+            "synthetic",
+            "license",
+            "captions",
+            "questions",
+        )
+    }
     for i, r in enumerate(picked):
         row_rng = random.Random(f"{seed}-{r['path']}")
         records["image"].append({"bytes": (source / r["path"]).read_bytes(), "path": None})
@@ -112,26 +137,43 @@ def build(source: Path, per_class: int, seed: int = 0) -> datasets.Dataset:
                 sentences = [NONE if o == NONE else tmpl.format(o) for o in opts]
                 null = name == "stain_1" and i % 25 == 0
                 captions[name] = None if null else {"options": sentences, "answer_idx": idx}
-            questions[key] = {"question": QUESTIONS[key], "options": opts, "answer": answer,
-                              "answer_idx": idx}
+            questions[key] = {"question": QUESTIONS[key], "options": opts, "answer": answer, "answer_idx": idx}
         records["captions"].append(captions)
         records["questions"].append(questions)
 
     opt = {"options": datasets.Sequence(datasets.Value("string")), "answer_idx": datasets.Value("int32")}
-    qopt = {"question": datasets.Value("string"), "options": datasets.Sequence(datasets.Value("string")),
-            "answer": datasets.Value("string"), "answer_idx": datasets.Value("int32")}
+    qopt = {
+        "question": datasets.Value("string"),
+        "options": datasets.Sequence(datasets.Value("string")),
+        "answer": datasets.Value("string"),
+        "answer_idx": datasets.Value("int32"),
+    }
     cap_keys = ["classification_0", "classification_1"] + [
-        f"{k}{s}" for k in CAPTION_TEMPLATES if k != "classification" for s in ("", "_1")]
+        f"{k}{s}" for k in CAPTION_TEMPLATES if k != "classification" for s in ("", "_1")
+    ]
     q_keys = list(CAPTION_TEMPLATES)
     s = datasets.Value("string")
-    features = datasets.Features({
-        "image": datasets.Image(), "image_id": s,
-        "label": datasets.ClassLabel(names=[CLASS_TEXT[c] for c in classes]), "label_name": s,
-        "dataset": s, "domain": s, "subdomain": s, "modality": s, "submodality": s, "stain": s,
-        "ncbitaxon_name": s, "microns_per_pixel": datasets.Value("float32"), "split": s,
-        "synthetic": datasets.Value("bool"), "license": s,
-        "captions": {k: opt for k in cap_keys}, "questions": {k: qopt for k in q_keys},
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_id": s,
+            "label": datasets.ClassLabel(names=[CLASS_TEXT[c] for c in classes]),
+            "label_name": s,
+            "dataset": s,
+            "domain": s,
+            "subdomain": s,
+            "modality": s,
+            "submodality": s,
+            "stain": s,
+            "ncbitaxon_name": s,
+            "microns_per_pixel": datasets.Value("float32"),
+            "split": s,
+            "synthetic": datasets.Value("bool"),
+            "license": s,
+            "captions": {k: opt for k in cap_keys},
+            "questions": {k: qopt for k in q_keys},
+        }
+    )
     return datasets.Dataset.from_dict(records, features=features)
 
 

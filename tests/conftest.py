@@ -67,9 +67,15 @@ def gray16_from(jpeg: bytes) -> np.ndarray:
     return (g * 40 + 1000).astype(np.uint16)
 
 
-def make_store(path: Path, x: np.ndarray, labels: list[str], text_by_class: dict[str, np.ndarray] | None,
-               meta_extra: dict | None = None, templates: tuple[str, ...] = ("a microscopy image of {}.",),
-               model: str = "synthetic:random"):
+def make_store(
+    path: Path,
+    x: np.ndarray,
+    labels: list[str],
+    text_by_class: dict[str, np.ndarray] | None,
+    meta_extra: dict | None = None,
+    templates: tuple[str, ...] = ("a microscopy image of {}.",),
+    model: str = "synthetic:random",
+):
     """A store written directly through the store API (no model), for protocol tests."""
     import pandas as pd
 
@@ -88,10 +94,22 @@ def make_store(path: Path, x: np.ndarray, labels: list[str], text_by_class: dict
                         emb.append(text_by_class[cls])
     st = EmbeddingStore(path, create=True)
     layout = RunLayout(len(x), x.shape[1], 64, "float32")
-    prov = {"model_spec": model, "backend": "test", "weights_hash": "0", "has_text": text_by_class is not None,
-            "dataset_spec": "synth"}
-    run = st.prepare_run(f"{model.replace(':', '_')}/synth/test", prov, layout, meta, texts, {},
-                         {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}})
+    prov = {
+        "model_spec": model,
+        "backend": "test",
+        "weights_hash": "0",
+        "has_text": text_by_class is not None,
+        "dataset_spec": "synth",
+    }
+    run = st.prepare_run(
+        f"{model.replace(':', '_')}/synth/test",
+        prov,
+        layout,
+        meta,
+        texts,
+        {},
+        {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}},
+    )
     for ci in range(layout.n_chunks):
         sl = layout.chunk_slice(ci)
         run.write_chunk(ci, x[sl], [""] * (sl.stop - sl.start))

@@ -14,8 +14,7 @@ def _run(*args):
 
 def test_extract_and_info_on_the_sample(tmp_path):
     store = str(tmp_path / "s.zarr")
-    r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "40", "--store", store,
-             "--workers", "0")
+    r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "40", "--store", store, "--workers", "0")
     assert r.exit_code == 0, r.output
     assert "2 chunks written" not in r.output and "1 chunks written" in r.output
     r = _run("info", store, "--verify")

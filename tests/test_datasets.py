@@ -7,9 +7,22 @@ from mubench_probe.datasets import load_dataset
 from mubench_probe.errors import DatasetUnavailableError
 from mubench_probe.tasks import derive_tasks
 
-MUBENCH_COLUMNS = {"image_id", "label", "label_name", "dataset", "domain", "subdomain", "modality",
-                   "submodality", "stain", "ncbitaxon_name", "microns_per_pixel", "split", "synthetic",
-                   "license"}
+MUBENCH_COLUMNS = {
+    "image_id",
+    "label",
+    "label_name",
+    "dataset",
+    "domain",
+    "subdomain",
+    "modality",
+    "submodality",
+    "stain",
+    "ncbitaxon_name",
+    "microns_per_pixel",
+    "split",
+    "synthetic",
+    "license",
+}
 
 
 def test_sample_has_the_mubench_schema(sample):

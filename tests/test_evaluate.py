@@ -20,8 +20,13 @@ FAST = EvalConfig(n_boot=200, shots=(1, 4), fewshot_seeds=2)
 
 
 def _get(table, task, head, metric="accuracy", stratum="all"):
-    row = table[(table.task == task) & (table["head"] == head) & (table.metric == metric)
-                & (table.stratum == stratum) & table.seed.isna()]
+    row = table[
+        (table.task == task)
+        & (table["head"] == head)
+        & (table.metric == metric)
+        & (table.stratum == stratum)
+        & table.seed.isna()
+    ]
     assert len(row) == 1, (task, head, metric, len(row))
     return row.iloc[0]
 
@@ -75,8 +80,13 @@ def test_image_only_model_reports_text_heads_not_applicable(tmp_path):
 
 def test_coarse_probe_folds_are_grouped_by_source_dataset():
     rng = np.random.default_rng(0)
-    meta = pd.DataFrame({"label_name": ["a"] * 60, "dataset": np.repeat(["d1", "d2", "d3", "d4", "d5", "d6"], 10),
-                         "modality": np.repeat(["EM", "LM", "EM", "LM", "EM", "LM"], 10)})
+    meta = pd.DataFrame(
+        {
+            "label_name": ["a"] * 60,
+            "dataset": np.repeat(["d1", "d2", "d3", "d4", "d5", "d6"], 10),
+            "modality": np.repeat(["EM", "LM", "EM", "LM", "EM", "LM"], 10),
+        }
+    )
     task = next(t for t in derive_tasks(meta) if t.name == "coarse/modality")
     arrays = TaskArrays(task, task.rows, rng.normal(size=(60, 4)), task.y, meta)
     folds, how = task_folds(arrays, EvalConfig(folds=5))
@@ -104,8 +114,7 @@ def test_mubench_caption_protocol_pools_and_skips_nulls():
     assert acc[("mubench/modality", "dataset=a")] == 1.0 and acc[("mubench/modality", "dataset=b")] == 0.0
     first_only = evaluate_captions(img, text, caps, meta, np.ones(4, bool), EvalConfig(n_boot=0, caption_templates="1"))
     assert not [r for r in first_only.records if r["task"] == "mubench/modality"]
-    excluded = evaluate_captions(img, text, caps, meta, np.ones(4, bool),
-                                 EvalConfig(n_boot=0, exclude_datasets=("b",)))
+    excluded = evaluate_captions(img, text, caps, meta, np.ones(4, bool), EvalConfig(n_boot=0, exclude_datasets=("b",)))
     assert pd.DataFrame(excluded.records).set_index(["task", "stratum"])["value"][("mubench/coarse", "all")] == 1.0
 
 
@@ -147,8 +156,25 @@ def test_missing_prompts_name_the_extract_command(tiny_store, tmp_path):
 
 
 def test_cli_evaluate(tiny_store, tmp_path):
-    r = CliRunner().invoke(app, ["evaluate", str(tiny_store), "--out", str(tmp_path / "res"), "--bootstrap", "100",
-                                 "--shots", "1,2", "--fewshot-seeds", "2", "--task", "fine/*", "--task", "mubench"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(tiny_store),
+            "--out",
+            str(tmp_path / "res"),
+            "--bootstrap",
+            "100",
+            "--shots",
+            "1,2",
+            "--fewshot-seeds",
+            "2",
+            "--task",
+            "fine/*",
+            "--task",
+            "mubench",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "fine/bccd" in r.output and "mubench/coarse" in r.output and "2 units computed" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tiny_store), "--head", "bogus"])
@@ -167,8 +193,9 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path):
     two = res.table
     assert res.computed == 2 and any("one source dataset only" in n for n in res.notes)
     key = ["task", "head", "metric", "stratum", "seed"]
-    pd.testing.assert_frame_equal(one.sort_values(key).reset_index(drop=True),
-                                  two.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        one.sort_values(key).reset_index(drop=True), two.sort_values(key).reset_index(drop=True)
+    )
 
 
 def test_own_split_protocol_uses_the_split_column(tiny_store, sample):

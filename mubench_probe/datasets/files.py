@@ -27,8 +27,14 @@ class PathImageReader:
 
 def _identity(fmt: str, root: Path, rels: list[str]) -> dict[str, str | None]:
     parts = [f"{r}:{(root / r).stat().st_size if (root / r).exists() else -1}" for r in rels]
-    return {"format": fmt, "id": str(root.resolve()), "revision": None, "name": root.name,
-            "fingerprint": fingerprint_strings(parts), "rows": str(len(rels))}
+    return {
+        "format": fmt,
+        "id": str(root.resolve()),
+        "revision": None,
+        "name": root.name,
+        "fingerprint": fingerprint_strings(parts),
+        "rows": str(len(rels)),
+    }
 
 
 class FolderFormat:
@@ -43,15 +49,19 @@ class FolderFormat:
 
     def load(self, spec: str, split: str, revision: str | None) -> LoadedDataset:
         root = Path(spec)
-        rels = sorted(
-            str(f.relative_to(root)) for f in root.glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES
-        )
+        rels = sorted(str(f.relative_to(root)) for f in root.glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not rels:
             raise DatasetUnavailableError(f"{root}: no images found in class subfolders")
         labels = [Path(r).parts[0] for r in rels]
         meta = pd.DataFrame({"path": rels, "label_name": labels, "dataset": root.name})
-        return LoadedDataset(spec, slug(root.name), split, _identity("folder", root, rels), meta,
-                             PathImageReader([str(root / r) for r in rels]))
+        return LoadedDataset(
+            spec,
+            slug(root.name),
+            split,
+            _identity("folder", root, rels),
+            meta,
+            PathImageReader([str(root / r) for r in rels]),
+        )
 
 
 class CsvFormat:
@@ -80,7 +90,9 @@ class CsvFormat:
         root = path.parent
         rels = list(meta["path"])
         ident = _identity("csv", root, rels)
-        ident.update(id=str(path.resolve()), name=path.stem,
-                     fingerprint=fingerprint_strings([path.read_text(), ident["fingerprint"] or ""]))
-        return LoadedDataset(spec, slug(path.stem), split, ident, meta,
-                             PathImageReader([str(root / r) for r in rels]))
+        ident.update(
+            id=str(path.resolve()),
+            name=path.stem,
+            fingerprint=fingerprint_strings([path.read_text(), ident["fingerprint"] or ""]),
+        )
+        return LoadedDataset(spec, slug(path.stem), split, ident, meta, PathImageReader([str(root / r) for r in rels]))

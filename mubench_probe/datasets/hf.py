@@ -130,9 +130,7 @@ class DiskFormat:
 
     def matches(self, spec: str) -> bool:
         p = Path(spec)
-        return p.is_dir() and (
-            (p / "state.json").exists() or (p / "dataset_dict.json").exists()
-        )
+        return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
 
     def load(self, spec: str, split: str, revision: str | None) -> LoadedDataset:
         import datasets
@@ -146,8 +144,7 @@ class DiskFormat:
             if split not in ds:
                 raise DatasetUnavailableError(f"{p} has splits {list(ds)}, not {split!r}")
             ds = ds[split]
-        return from_hf(ds, spec, split, {"format": "disk", "id": str(p.resolve()), "revision": None,
-                                         "name": p.name})
+        return from_hf(ds, spec, split, {"format": "disk", "id": str(p.resolve()), "revision": None, "name": p.name})
 
 
 class FilesFormat:
@@ -177,5 +174,9 @@ class FilesFormat:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
         except Exception as exc:
             raise DatasetUnavailableError(f"cannot read {kind} files at {spec}: {exc}") from exc
-        return from_hf(ds, spec, split, {"format": kind, "id": str(Path(spec).resolve()),
-                                         "revision": None, "name": Path(spec).stem})
+        return from_hf(
+            ds,
+            spec,
+            split,
+            {"format": kind, "id": str(Path(spec).resolve()), "revision": None, "name": Path(spec).stem},
+        )

@@ -68,8 +68,7 @@ def find_backend(spec: str) -> Backend:
         if b.matches(spec):
             return b
     raise ModelUnavailableError(
-        f"no backend takes model spec {spec!r}; expected e.g. {', '.join(MUBENCH_MODELS[:2])} "
-        "(see `probe models`)"
+        f"no backend takes model spec {spec!r}; expected e.g. {', '.join(MUBENCH_MODELS[:2])} (see `probe models`)"
     )
 
 
@@ -85,5 +84,14 @@ def load_encoder(spec: str, device: str | None = None, precision: str = "fp32") 
     return find_backend(spec).factory(spec, device_for(device, precision), precision)
 
 
-__all__ = ["BACKENDS", "MUBENCH_MODELS", "Backend", "Encoder", "EncoderInfo", "device_for", "find_backend",
-           "load_encoder", "select_device"]
+__all__ = [
+    "BACKENDS",
+    "MUBENCH_MODELS",
+    "Backend",
+    "Encoder",
+    "EncoderInfo",
+    "device_for",
+    "find_backend",
+    "load_encoder",
+    "select_device",
+]

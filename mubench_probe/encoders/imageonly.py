@@ -14,12 +14,14 @@ from .base import Encoder, EncoderInfo, weights_hash
 
 
 def _tf(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
-    return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 class _PooledEncoder(Encoder):
@@ -30,8 +32,12 @@ class _PooledEncoder(Encoder):
         with torch.inference_mode():
             dim = int(self._pool(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
         self.info = EncoderInfo(
-            spec=spec, backend=backend, has_text=False, embed_dim=dim,
-            weights_hash=weights_hash(self.net), preprocess=repr(self.transform),
+            spec=spec,
+            backend=backend,
+            has_text=False,
+            embed_dim=dim,
+            weights_hash=weights_hash(self.net),
+            preprocess=repr(self.transform),
         )
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,8 +105,7 @@ class TimmEncoder(_PooledEncoder):
             elif tag == "random":
                 net = timm.create_model(name, pretrained=False, num_classes=0)
             else:
-                net = timm.create_model(name, pretrained=True, num_classes=0,
-                                        pretrained_cfg_overlay={"file": tag})
+                net = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": tag})
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(

@@ -55,8 +55,10 @@ def check_compatible(base: OpenClipEncoder, ft: OpenClipEncoder, preprocess: str
         if shapes:
             problems.append(f"parameter shapes differ ({shapes[:3]})")
     if (base.info.tokenizer, base.info.context_length) != (ft.info.tokenizer, ft.info.context_length):
-        problems.append(f"tokenizers differ ({base.info.tokenizer}/{base.info.context_length} vs "
-                        f"{ft.info.tokenizer}/{ft.info.context_length})")
+        problems.append(
+            f"tokenizers differ ({base.info.tokenizer}/{base.info.context_length} vs "
+            f"{ft.info.tokenizer}/{ft.info.context_length})"
+        )
     if base.info.preprocess != ft.info.preprocess and preprocess is None:
         problems.append("preprocessing differs: choose whose to use with preprocess=base|finetuned")
     return problems
@@ -65,8 +67,9 @@ def check_compatible(base: OpenClipEncoder, ft: OpenClipEncoder, preprocess: str
 class Interpolator:
     """Two source state dicts + one output model; `encoder(alpha)` rewrites the output in place."""
 
-    def __init__(self, base: str, finetuned: str, device: torch.device, precision: str = "fp32",
-                 preprocess: str | None = None) -> None:
+    def __init__(
+        self, base: str, finetuned: str, device: torch.device, precision: str = "fp32", preprocess: str | None = None
+    ) -> None:
         self.base_spec, self.ft_spec = base, finetuned
         out = OpenClipEncoder(base, device, precision)
         ft = OpenClipEncoder(finetuned, device, precision)

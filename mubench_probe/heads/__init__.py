@@ -4,5 +4,12 @@ from .knn import KNNHead
 from .linear import LinearProbe
 from .zeroshot import CosineClassifier, PromptZeroShot, PrototypeHead, caption_choice, ensemble_weights
 
-__all__ = ["CosineClassifier", "KNNHead", "LinearProbe", "PromptZeroShot", "PrototypeHead", "caption_choice",
-           "ensemble_weights"]
+__all__ = [
+    "CosineClassifier",
+    "KNNHead",
+    "LinearProbe",
+    "PromptZeroShot",
+    "PrototypeHead",
+    "caption_choice",
+    "ensemble_weights",
+]

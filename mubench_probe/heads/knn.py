@@ -36,8 +36,9 @@ def search(train: np.ndarray, query: np.ndarray, k: int, tie_margin: int = 16) -
     return scores, idx
 
 
-def weighted_votes(scores: np.ndarray, labels: np.ndarray, n_classes: int, ks: Sequence[int],
-                   temperature: float = TEMPERATURE) -> dict[int, np.ndarray]:
+def weighted_votes(
+    scores: np.ndarray, labels: np.ndarray, n_classes: int, ks: Sequence[int], temperature: float = TEMPERATURE
+) -> dict[int, np.ndarray]:
     """Predictions for each k from one neighbour list; vote ties go to the lower class index."""
     w = np.exp((scores - scores[:, :1]) / temperature)  # shifted for stability; argmax unchanged
     onehot = np.zeros((*labels.shape, n_classes))
@@ -49,8 +50,9 @@ def weighted_votes(scores: np.ndarray, labels: np.ndarray, n_classes: int, ks: S
 class KNNHead:
     """Estimator-like: fit stores the gallery, predict_all returns predictions for every k."""
 
-    def __init__(self, ks: Sequence[int] = DEFAULT_KS, temperature: float = TEMPERATURE,
-                 n_classes: int | None = None) -> None:
+    def __init__(
+        self, ks: Sequence[int] = DEFAULT_KS, temperature: float = TEMPERATURE, n_classes: int | None = None
+    ) -> None:
         self.ks, self.temperature, self.n_classes = tuple(ks), temperature, n_classes
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> KNNHead:

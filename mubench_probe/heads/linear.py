@@ -36,9 +36,16 @@ def can_validate(y: np.ndarray, val_fraction: float) -> bool:
 class LinearProbe:
     """Estimator: fit(X, y) picks C on a stratified validation split, then refits on all of X."""
 
-    def __init__(self, Cs: tuple[float, ...] = DEFAULT_CS, C: float | None = None,
-                 val_fraction: float = 0.2, patience: int = 2, tol: float = DEFAULT_TOL,
-                 max_iter: int = DEFAULT_MAX_ITER, random_state: int = 0) -> None:
+    def __init__(
+        self,
+        Cs: tuple[float, ...] = DEFAULT_CS,
+        C: float | None = None,
+        val_fraction: float = 0.2,
+        patience: int = 2,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        random_state: int = 0,
+    ) -> None:
         self.Cs, self.C, self.val_fraction, self.patience = Cs, C, val_fraction, patience
         self.tol, self.max_iter, self.random_state = tol, max_iter, random_state
 
@@ -51,8 +58,9 @@ class LinearProbe:
                 self.C_ = float(self.C if self.C is not None else FALLBACK_C)
                 self.model_ = _lr(self.C_, self.tol, self.max_iter).fit(x, y)
                 return self
-            xtr, xva, ytr, yva = train_test_split(x, y, test_size=self.val_fraction, stratify=y,
-                                                  random_state=self.random_state)
+            xtr, xva, ytr, yva = train_test_split(
+                x, y, test_size=self.val_fraction, stratify=y, random_state=self.random_state
+            )
             lr = _lr(self.Cs[0], self.tol, self.max_iter, warm=True)
             best, best_coef, since = -1.0, None, 0
             for c in self.Cs:

@@ -82,9 +82,15 @@ def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def classification_metrics(y: np.ndarray, p: np.ndarray, n_classes: int, n_boot: int = DEFAULT_BOOTSTRAP,
-                           seed: int = DEFAULT_SEED, ci: float = 0.95,
-                           class_names: Sequence[str] | None = None) -> dict[str, Estimate]:
+def classification_metrics(
+    y: np.ndarray,
+    p: np.ndarray,
+    n_classes: int,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
+    ci: float = 0.95,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Estimate]:
     """Accuracy, balanced accuracy and macro-F1 with bootstrap CIs; per-class recall (no CI)."""
     y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.int64)
     n = len(y)
@@ -116,8 +122,13 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, n_classes: int, n_boot:
     return out
 
 
-def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = DEFAULT_BOOTSTRAP,
-                      seed: int = DEFAULT_SEED, ci: float = 0.95) -> dict[str, Estimate]:
+def paired_difference(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
+    ci: float = 0.95,
+) -> dict[str, Estimate]:
     """acc(a) - acc(b) and acc(b) / acc(a) on the same samples, with paired bootstrap CIs."""
     a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
     n = len(a)
@@ -132,12 +143,15 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int 
         r_lo, r_hi = _quantiles(np.divide(mb, ma, out=np.full(ma.shape, np.nan), where=ma > 0), alpha)
     else:
         d_lo = d_hi = r_lo = r_hi = float("nan")
-    return {"difference": Estimate(float(diff), float(d_lo), float(d_hi), n),
-            "ratio": Estimate(float(ratio), float(r_lo), float(r_hi), n)}
+    return {
+        "difference": Estimate(float(diff), float(d_lo), float(d_hi), n),
+        "ratio": Estimate(float(ratio), float(r_lo), float(r_hi), n),
+    }
 
 
 def modality_gap(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
     """Distance between the centroids of L2-normalised image and text embeddings (Liang et al. 2022)."""
+
     def unit(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

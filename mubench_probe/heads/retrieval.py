@@ -36,8 +36,9 @@ def ranking_metrics(sims: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = 
     return out
 
 
-def caption_retrieval(image_emb: np.ndarray, text_emb: np.ndarray, positive_text: np.ndarray,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+def caption_retrieval(
+    image_emb: np.ndarray, text_emb: np.ndarray, positive_text: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, dict[str, float]]:
     """Both directions for images whose correct caption is text `positive_text[i]` (-1 = none)."""
     ok = positive_text >= 0
     gallery = np.unique(positive_text[ok])
@@ -47,5 +48,7 @@ def caption_retrieval(image_emb: np.ndarray, text_emb: np.ndarray, positive_text
     pos = positive_text[ok]
     sims = img @ text_emb[gallery].T  # (images, texts)
     relevant = pos[:, None] == gallery[None, :]
-    return {"image_to_text": ranking_metrics(sims, relevant, ks),
-            "text_to_image": ranking_metrics(sims.T, relevant.T, ks)}
+    return {
+        "image_to_text": ranking_metrics(sims, relevant, ks),
+        "text_to_image": ranking_metrics(sims.T, relevant.T, ks),
+    }

@@ -13,8 +13,9 @@ import numpy as np
 from ..errors import UsageError
 
 
-def caption_choice(image_emb: np.ndarray, text_emb: np.ndarray, options: np.ndarray,
-                   answer: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def caption_choice(
+    image_emb: np.ndarray, text_emb: np.ndarray, options: np.ndarray, answer: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """μ-Bench protocol: each image picks the most similar of its own caption options.
 
     options (N, K) holds indices into text_emb with -1 padding; answer (N,) is the correct
@@ -91,8 +92,7 @@ class PrototypeHead(CosineClassifier):
         np.add.at(sums, y, x)
         counts = np.bincount(y, minlength=c)[:, None]
         means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        self.weights_ = (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(
-            np.float32)
+        self.weights_ = (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         self.classes_present_ = counts[:, 0] > 0
         return self
 
