@@ -15,7 +15,7 @@ from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_da
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend, load_encoder
 from .encoders.openclip import list_specs
 from .errors import StoreError, UsageError
-from .evaluation import EvaluationResult, Unit, evaluate_store, summary
+from .evaluation import EvaluationResult, Unit, evaluate_store, mubench_table1, summary
 from .extraction import ExtractReport, ProgressFn, prepare, run_extraction
 from .imaging import get_policy
 from .protocol import HEADS, EvalConfig
@@ -34,6 +34,7 @@ __all__ = [
     "list_backends",
     "list_dataset_formats",
     "list_open_clip_specs",
+    "mubench_table1",
     "open_dataset",
     "open_store",
     "store_info",

@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .errors import ProbeError
+from .errors import ProbeError, UsageError
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -171,36 +171,82 @@ def evaluate(
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="Results folder (default: results/<store name>).")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="A named configuration: mubench-table1 (μ-Bench Table 1; see the README). Options given "
+            "explicitly override it."
+        ),
+    ] = None,
     folds: Annotated[int, typer.Option(help="k for stratified k-fold.", min=2)] = 5,
     seed: Annotated[int, typer.Option(help="Seed for folds, few-shot draws and bootstrap.")] = 0,
-    protocol: Annotated[str, typer.Option(help="kfold, or split (the dataset's split column).")] = "kfold",
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0 = none).", min=0)] = 1000,
+    protocol: Annotated[
+        str,
+        typer.Option(help="kfold; split (the dataset's split column); transfer (--train-where / --test-where)."),
+    ] = "kfold",
+    train_where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="transfer: training rows, COLUMN=VALUE (repeatable; values of one column are "
+            "alternatives, columns must all match)."
+        ),
+    ] = None,
+    test_where: Annotated[
+        list[str] | None, typer.Option(help="transfer: test rows, COLUMN=VALUE (repeatable).")
+    ] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for CIs (0 = none) [1000].", min=0)] = None,
+    ci_method: Annotated[str | None, typer.Option(help="Bootstrap interval: percentile or basic [percentile].")] = None,
     shots: Annotated[str, typer.Option(help="Few-shot k per class, comma-separated.")] = "1,2,4,8,16",
     fewshot_seeds: Annotated[int, typer.Option(help="Few-shot draws per k.", min=1)] = 5,
     knn_k: Annotated[str, typer.Option("--knn-k", help="k values for kNN, comma-separated.")] = "1,5,10,20",
+    probe_cs: Annotated[
+        str | None, typer.Option(help="The linear probe's C grid, comma-separated [13 values, 1e-2 to 1e4].")
+    ] = None,
     templates: Annotated[Path | None, typer.Option(help="Prompt templates file (must be extracted).")] = None,
-    caption_templates: Annotated[str, typer.Option(help="μ-Bench captions: both, 0 or 1.")] = "both",
-    pooling: Annotated[str, typer.Option(help="μ-Bench coarse/fine pooling: micro or macro.")] = "micro",
+    caption_templates: Annotated[str | None, typer.Option(help="μ-Bench captions: both, 0 or 1 [both].")] = None,
+    fine_templates: Annotated[
+        str | None, typer.Option(help="μ-Bench fine-grained captions only: both, 0 or 1.")
+    ] = None,
+    coarse_templates: Annotated[str | None, typer.Option(help="μ-Bench coarse captions only: both, 0 or 1.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="μ-Bench coarse/fine pooling: micro or macro [micro].")] = None,
     exclude_dataset: Annotated[
         list[str] | None, typer.Option(help="Source datasets to leave out of the μ-Bench caption scores.")
+    ] = None,
+    fine_exclude_dataset: Annotated[
+        list[str] | None, typer.Option(help="... of the fine-grained caption scores only.")
+    ] = None,
+    coarse_exclude_dataset: Annotated[
+        list[str] | None, typer.Option(help="... of the coarse caption scores only.")
     ] = None,
     jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
     force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
-    cfg = api.EvalConfig(
-        heads=tuple(head) if head else api.HEADS,
-        folds=folds,
-        seed=seed,
-        protocol=protocol,
-        n_boot=bootstrap,
-        shots=_ints(shots),
-        fewshot_seeds=fewshot_seeds,
-        ks=_ints(knn_k),
-        caption_templates=caption_templates,
-        pooling=pooling,
-        exclude_datasets=tuple(exclude_dataset or ()),
-    )
+    given = {
+        "heads": tuple(head) if head else None,
+        "n_boot": bootstrap,
+        "ci_method": ci_method,
+        "cs": _floats(probe_cs) if probe_cs else None,
+        "caption_templates": caption_templates,
+        "fine_templates": fine_templates,
+        "coarse_templates": coarse_templates,
+        "pooling": pooling,
+        "exclude_datasets": tuple(exclude_dataset) if exclude_dataset else None,
+        "fine_exclude_datasets": tuple(fine_exclude_dataset) if fine_exclude_dataset else None,
+        "coarse_exclude_datasets": tuple(coarse_exclude_dataset) if coarse_exclude_dataset else None,
+    }
+    fixed = {
+        "folds": folds,
+        "seed": seed,
+        "protocol": protocol,
+        "train_where": tuple(train_where or ()),
+        "test_where": tuple(test_where or ()),
+        "shots": _ints(shots),
+        "fewshot_seeds": fewshot_seeds,
+        "ks": _ints(knn_k),
+    }
+    overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
+    cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
     results = out_dir or Path("results") / store.name.removesuffix(".zarr")
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
@@ -235,6 +281,7 @@ def evaluate(
             for _, r in part.iterrows():
                 table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
             out.print(table)
+    _table1(res.table)
     for note in sorted(set(res.notes)):
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     out.print(
@@ -243,6 +290,30 @@ def evaluate(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _table1(table: Any) -> None:
+    """μ-Bench Table 1 layout: pooled coarse / fine caption accuracy in percent ± CI half-width."""
+    rows = api.mubench_table1(table)
+    if rows.empty:
+        return
+    t = Table(title="μ-Bench zero-shot (% ± CI half-width)", title_justify="left")
+    for c in ("model", "coarse", "fine"):
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=True)
+    for _, r in rows.iterrows():
+        cells = [f"{100 * r[g]:.2f} ± {100 * r[g + '_ci']:.2f}" if r[g] == r[g] else "–" for g in ("coarse", "fine")]
+        t.add_row(str(r["model"]), *cells)
+    out.print(t)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -20,9 +20,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError, UsageError
+from .errors import StoreError
 from .heads.zeroshot import template_indices
-from .protocol import HEADS, EvalConfig, Output, TaskArrays, evaluate_captions, evaluate_retrieval, evaluate_task
+from .protocol import (
+    EvalConfig,
+    Output,
+    TaskArrays,
+    check_protocol,
+    evaluate_captions,
+    evaluate_retrieval,
+    evaluate_task,
+)
 from .results import COLUMNS, PRED_COLUMNS, ResultsDir
 from .store import IDENTITY_KEYS, EmbeddingStore, Run, RunArrays
 from .tasks import derive_tasks, prompt_texts
@@ -109,6 +117,7 @@ def plan_units(
             )
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
         arrays = RunArrays(run)
+        check_protocol(arrays.meta, cfg)
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
         if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
             units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, []), arrays=arrays))
@@ -135,7 +144,7 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
         if "zs_caption" in cfg.heads:
             out.extend(evaluate_captions(x, text_emb, caps, meta, valid, cfg))
         if "retrieval" in cfg.heads:
-            out.extend(evaluate_retrieval(x, text_emb, caps, valid, cfg))
+            out.extend(evaluate_retrieval(x, text_emb, caps, meta, valid, cfg))
         return out
     task, templates = unit.payload
     arrays = _task_arrays(run, x, valid, meta, task, templates, texts, text_emb)
@@ -177,13 +186,6 @@ def evaluate_store(
     `progress(unit, done, total)` is called after each computed unit.
     """
     cfg = cfg or EvalConfig()
-    bad = set(cfg.heads) - set(HEADS)
-    if bad:
-        raise UsageError(f"unknown head(s) {sorted(bad)}; choose from {', '.join(HEADS)}")
-    if cfg.caption_templates not in ("both", "0", "1") or cfg.pooling not in ("micro", "macro"):
-        raise UsageError("caption templates must be both/0/1 and pooling micro/macro")
-    if cfg.protocol not in ("kfold", "split"):
-        raise UsageError("protocol must be kfold or split")
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     units = plan_units(st, cfg, models, tasks, templates)
     rd = ResultsDir(results_dir) if results_dir else None
@@ -283,5 +285,29 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
                 if len(m):
                     row[col] = tuple(m.iloc[0][["value", "ci_low", "ci_high"]])
                     break
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mubench_table1(table: pd.DataFrame) -> pd.DataFrame:
+    """Pooled μ-Bench caption accuracy per model, as the paper's Table 1 shows it.
+
+    Columns: model, coarse, coarse_ci, coarse_n, fine, fine_ci, fine_n (accuracy, CI half-width
+    |high - estimate|, rows). Empty when the results have no pooled caption scores.
+    """
+    t = table[
+        (table["head"] == "zs_caption")
+        & (table["stratum"] == "all")
+        & table["task"].isin(["mubench/coarse", "mubench/fine"])
+    ]
+    rows = []
+    for model, g in t.groupby("model", sort=True):
+        row: dict[str, Any] = {"model": model}
+        for group in ("coarse", "fine"):
+            acc = g[(g["task"] == f"mubench/{group}") & (g["metric"] == "accuracy")]
+            half = g[(g["task"] == f"mubench/{group}") & (g["metric"] == "ci_half_width")]
+            row[group] = float(acc["value"].iloc[0]) if len(acc) else float("nan")
+            row[f"{group}_ci"] = float(half["value"].iloc[0]) if len(half) else float("nan")
+            row[f"{group}_n"] = int(acc["n"].iloc[0]) if len(acc) and acc["n"].iloc[0] == acc["n"].iloc[0] else 0
         rows.append(row)
     return pd.DataFrame(rows)

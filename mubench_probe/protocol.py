@@ -1,50 +1,160 @@
-"""The evaluation protocol over arrays: folds, heads, metrics and alignment for one task.
+"""The evaluation protocol over arrays: rows, folds, heads, metrics and alignment for one task.
 
 Pure functions: embeddings, labels and metadata in, long-format records out. The runner
 (`evaluation.py`) reads the store and writes results; nothing here does I/O or touches a model.
+
+What each protocol measures (every head of a task is scored on the same test rows, so
+`lp - zs` compares like with like):
+- kfold (default): every row gets one out-of-fold prediction from stratified k-fold. Coarse
+  attributes (modality, stain, ...) coincide with source datasets, so their folds are grouped
+  by `dataset`: a probe is then tested on sources it never saw, and measures whether the
+  attribute transfers across sources, not whether the source can be recognised. Only classes
+  that occur in at least two sources can be tested that way; the others are excluded (noted).
+- split: train on the rows whose `split` is train/val, test on the `split == test` rows.
+- transfer: train on rows matching --train-where, test on rows matching --test-where (e.g.
+  train on one stain, test on another), over the classes both sides share.
+A class absent from a training fold is never predicted by a probe; its test rows count as
+errors and a note says so. Anything a head cannot do becomes a note, never a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from .errors import ProbeError, UsageError
 from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
 from .heads.knn import DEFAULT_KS, TEMPERATURE
-from .heads.linear import DEFAULT_CS
-from .heads.metrics import DEFAULT_BOOTSTRAP, Estimate, classification_metrics, modality_gap, paired_difference
+from .heads.linear import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C
+from .heads.metrics import (
+    CI_METHODS,
+    DEFAULT_BOOTSTRAP,
+    Estimate,
+    classification_metrics,
+    modality_gap,
+    paired_difference,
+)
 from .heads.retrieval import caption_retrieval
 from .tasks import COARSE_ATTRIBUTES, COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
 
 HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval")
+PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
+PROTOCOLS = ("kfold", "split", "transfer")
+TEMPLATE_CHOICES = ("both", "0", "1")
 STRATA = ("dataset", *COARSE_ATTRIBUTES)
+TRAIN_SPLITS = ("train", "val", "valid", "validation")
+# Errors a head raises on data it cannot handle (too few rows, degenerate classes, ...): they
+# become a note and a skipped head, never a traceback.
+HEAD_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, ProbeError)
+
+# μ-Bench's Table 1, as far as the paper, its released scripts and its CI widths tell:
+MUBENCH_TABLE1 = {
+    "heads": ("zs_caption",),
+    "fine_templates": "1",  # the released evaluation script scores one classification template
+    "coarse_templates": "both",  # coarse: both sentence templates, all datasets
+    "fine_exclude_datasets": ("eulenberg_et_al_2017_darkfield", "eulenberg_et_al_2017_epifluorescence"),
+    "pooling": "micro",
+    "ci_method": "basic",  # scipy.stats.bootstrap(method="basic")
+    "n_boot": 9999,
+}
+PRESETS: dict[str, dict[str, Any]] = {"mubench-table1": MUBENCH_TABLE1}
+
+
+def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """COLUMN=VALUE conditions -> {column: values}; values of one column are alternatives."""
+    out: dict[str, tuple[str, ...]] = {}
+    for cond in conditions:
+        col, sep, val = cond.partition("=")
+        if not sep or not col.strip():
+            raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
+        out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
+    return out
+
+
+def where_mask(meta: pd.DataFrame, conditions: Sequence[str]) -> np.ndarray:
+    """Rows matching every column's condition (any of its values). Unknown columns are a usage error."""
+    mask = np.ones(len(meta), dtype=bool)
+    for col, values in parse_where(conditions).items():
+        if col not in meta.columns:
+            raise UsageError(f"no metadata column {col!r} (have: {', '.join(map(str, meta.columns))})")
+        mask &= meta[col].astype(str).isin(values).to_numpy()
+    return mask
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything that changes a number; its hash keys the results cache."""
+    """Everything that changes a number; its hash keys the results cache. Validated on creation."""
 
     heads: tuple[str, ...] = HEADS
     folds: int = 5
     seed: int = 0
-    protocol: str = "kfold"  # "kfold" or "split" (use the `split` column's train/test rows)
+    protocol: str = "kfold"  # kfold | split (the `split` column) | transfer (train_where / test_where)
+    train_where: tuple[str, ...] = ()
+    test_where: tuple[str, ...] = ()
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = TEMPERATURE
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     fewshot_seeds: int = 5
     n_boot: int = DEFAULT_BOOTSTRAP
+    ci_method: str = "percentile"  # or "basic"
     cs: tuple[float, ...] = DEFAULT_CS
-    caption_templates: str = "both"  # "both", "0" (first template) or "1" (second template)
+    patience: int = DEFAULT_PATIENCE
+    fallback_c: float = FALLBACK_C
+    caption_templates: str = "both"  # both, 0 (first template) or 1 (second), for both groups ...
+    fine_templates: str | None = None  # ... unless overridden per group
+    coarse_templates: str | None = None
     pooling: str = "micro"  # pooled accuracy over all answers, or "macro": mean over caption keys
-    exclude_datasets: tuple[str, ...] = ()
+    exclude_datasets: tuple[str, ...] = ()  # left out of both caption groups ...
+    fine_exclude_datasets: tuple[str, ...] = ()  # ... or of one group only
+    coarse_exclude_datasets: tuple[str, ...] = ()
     strata: tuple[str, ...] = STRATA
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.heads) - set(HEADS))
+        if bad or not self.heads:
+            raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if (self.protocol == "transfer") != bool(self.train_where and self.test_where):
+            raise UsageError("--protocol transfer needs --train-where and --test-where (and they need it)")
+        parse_where((*self.train_where, *self.test_where))
+        for name in ("caption_templates", "fine_templates", "coarse_templates"):
+            value = getattr(self, name)
+            if value is not None and value not in TEMPLATE_CHOICES:
+                raise UsageError(f"{name.replace('_', '-')} must be both, 0 or 1, not {value!r}")
+        if self.pooling not in ("micro", "macro"):
+            raise UsageError(f"pooling must be micro or macro, not {self.pooling!r}")
+        if self.ci_method not in CI_METHODS:
+            raise UsageError(f"CI method must be one of {', '.join(CI_METHODS)}, not {self.ci_method!r}")
+        if self.folds < 2 or self.fewshot_seeds < 1 or self.n_boot < 0 or self.patience < 1:
+            raise UsageError("folds must be >= 2, few-shot seeds and patience >= 1, bootstrap >= 0")
+        if not self.ks or min(self.ks) < 1 or (self.shots and min(self.shots) < 1):
+            raise UsageError("kNN k values and few-shot shots must be positive integers")
+        if not self.cs or min(self.cs) <= 0 or list(self.cs) != sorted(self.cs):
+            raise UsageError("the probe's C grid must be positive and increasing")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> EvalConfig:
+        """A named configuration (see PRESETS); explicit overrides win."""
+        if name not in PRESETS:
+            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+    def templates_for(self, group: str) -> str:
+        own = self.fine_templates if group == "fine" else self.coarse_templates
+        return own or self.caption_templates
+
+    def excluded_for(self, group: str) -> tuple[str, ...]:
+        own = self.fine_exclude_datasets if group == "fine" else self.coarse_exclude_datasets
+        return (*self.exclude_datasets, *own)
 
 
 @dataclass
@@ -58,6 +168,19 @@ class TaskArrays:
     meta: pd.DataFrame
     prompt_emb: np.ndarray | None = None  # (C, T, D) normalised class-prompt text embeddings
     templates: tuple[str, ...] = ()
+
+    def subset(self, keep: np.ndarray, classes: Sequence[int] | None = None) -> TaskArrays:
+        """The rows in `keep` (bool mask), relabelled to `classes` (old indices, in order)."""
+        classes = list(range(self.task.n_classes)) if classes is None else list(classes)
+        lookup = np.full(self.task.n_classes, -1)
+        lookup[classes] = np.arange(len(classes))
+        keep = keep & (lookup[self.y] >= 0)
+        y = lookup[self.y[keep]]
+        task = replace(self.task, rows=self.task.rows[keep], y=y, classes=tuple(self.task.classes[c] for c in classes))
+        prompts = self.prompt_emb[classes] if self.prompt_emb is not None else None
+        return TaskArrays(
+            task, self.rows[keep], self.x[keep], y, self.meta[keep].reset_index(drop=True), prompts, self.templates
+        )
 
 
 @dataclass
@@ -113,46 +236,144 @@ class Output:
         self.notes += other.notes
 
 
-# ---- folds ---------------------------------------------------------------------------------------
+# ---- rows and folds ---------------------------------------------------------------------------------
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
 
 
-def task_folds(t: TaskArrays, cfg: EvalConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """Train/test index pairs over the task's rows, and a note on how they were made.
+@dataclass
+class TaskPlan:
+    """A task restricted to the rows and classes its protocol can score, with its folds.
 
-    Coarse attributes coincide with source datasets, so their folds are grouped by `dataset`
-    (a probe could otherwise recognise the source, not the attribute). Returns no folds when a
-    task cannot be split honestly.
+    `test` indexes the rows every head is scored on (all rows for k-fold, whose folds give each
+    row one out-of-fold prediction); `folds` is empty when probes cannot run (`why` says why).
     """
-    y = t.y
+
+    arrays: TaskArrays
+    test: np.ndarray
+    folds: Folds
+    how: str
+    notes: list[str] = field(default_factory=list)
+    grouped: bool = False  # folds hold out whole source datasets
+
+
+def test_mask(meta: pd.DataFrame, cfg: EvalConfig) -> np.ndarray | None:
+    """The rows a protocol tests on (None = all rows, k-fold); used for the μ-Bench caption unit too."""
     if cfg.protocol == "split":
-        split = t.meta["split"].astype(str).str.lower().to_numpy() if "split" in t.meta else None
-        if split is None:
-            return [], "no 'split' column for --protocol split"
-        train, test = np.flatnonzero(np.isin(split, ("train", "val", "valid"))), np.flatnonzero(split == "test")
-        if len(train) == 0 or len(test) == 0:
-            return [], "the 'split' column has no train/test rows for this task"
-        return [(train, test)], "the dataset's own train/test split"
-    counts = np.bincount(y)
-    k = min(cfg.folds, int(counts[counts > 0].min()))
-    if k < 2:
-        return [], "a class has fewer than 2 examples: no folds"
-    if t.task.group == "coarse" and "dataset" in t.meta:
-        groups = t.meta["dataset"].astype(str).to_numpy()
-        n_groups = len(set(groups))
-        if n_groups < 2:
-            return [], "one source dataset only: the attribute equals dataset identity (trivial for a probe)"
-        k = min(k, n_groups)
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
-        return list(splitter.split(t.x, y, groups)), f"{k}-fold grouped by dataset"
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
-    return list(splitter.split(t.x, y)), f"stratified {k}-fold, seed {cfg.seed}"
+        if "split" not in meta.columns:
+            raise UsageError("--protocol split needs a 'split' column in the dataset")
+        return (meta["split"].astype(str).str.lower() == "test").to_numpy()
+    if cfg.protocol == "transfer":
+        return where_mask(meta, cfg.test_where)
+    return None
+
+
+def train_mask(meta: pd.DataFrame, cfg: EvalConfig) -> np.ndarray:
+    if cfg.protocol == "split":
+        return meta["split"].astype(str).str.lower().isin(TRAIN_SPLITS).to_numpy()
+    return where_mask(meta, cfg.train_where)
+
+
+def check_protocol(meta: pd.DataFrame, cfg: EvalConfig) -> None:
+    """Refuse, before any work, train/test conditions that select nothing or overlap."""
+    if cfg.protocol == "kfold":
+        return
+    test = test_mask(meta, cfg)
+    assert test is not None
+    train = train_mask(meta, cfg)
+    for side, mask, conds in (("train", train, cfg.train_where), ("test", test, cfg.test_where)):
+        if not mask.any():
+            if cfg.protocol == "split":
+                values = sorted(meta["split"].astype(str).unique())
+                raise UsageError(f"--protocol split: no {side} rows (the 'split' column has {values})")
+            cols = parse_where(conds)
+            have = {c: sorted(meta[c].astype(str).unique())[:12] for c in cols}
+            raise UsageError(f"--{side}-where {' '.join(conds)} matches no row (values present: {have})")
+    if (train & test).any():
+        raise UsageError(f"{int((train & test).sum())} rows match both the train and the test conditions")
+
+
+def _class_note(t: TaskArrays, classes: Sequence[int], keep: np.ndarray, why: str) -> str:
+    names = [t.task.classes[c] for c in classes]
+    return f"{t.task.name}: {len(names)} class(es) excluded ({why}): {', '.join(names)} ({int(keep.sum())} rows)"
+
+
+def _sources(t: TaskArrays) -> np.ndarray | None:
+    return t.meta["dataset"].astype(str).to_numpy() if "dataset" in t.meta else None
+
+
+def plan_task(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
+    """Which rows and classes of the task each protocol scores, and the probes' folds."""
+    if cfg.protocol == "kfold":
+        return _plan_kfold(t, cfg)
+    train, test = train_mask(t.meta, cfg), test_mask(t.meta, cfg)
+    assert test is not None  # not k-fold
+    shared = [c for c in range(t.task.n_classes) if (t.y[train] == c).any() and (t.y[test] == c).any()]
+    how = "the dataset's own train/test split" if cfg.protocol == "split" else "train and test rows chosen by --*-where"
+    sides = train | test
+    if len(shared) < 2:
+        skip = f"{t.task.name}: skipped, fewer than two of its classes are on both the train and the test side"
+        return TaskPlan(t.subset(np.zeros(len(t.y), dtype=bool)), np.zeros(0, np.int64), [], how, [skip])
+    notes = []
+    lost = [c for c in range(t.task.n_classes) if c not in shared and (t.y[sides] == c).any()]
+    if lost:
+        notes.append(_class_note(t, lost, sides & np.isin(t.y, lost), "not on both the train and the test side"))
+    sub = t.subset(sides, shared)
+    kept = np.isin(t.y[sides], shared)
+    train, test = train[sides][kept], test[sides][kept]
+    if t.task.group == "coarse" and (src := _sources(sub)) is not None:
+        common = sorted(set(src[train]) & set(src[test]))
+        if common:
+            notes.append(
+                f"{t.task.name}: train and test share source datasets ({', '.join(common)}): a probe may "
+                "recognise the source rather than the attribute"
+            )
+    return TaskPlan(sub, np.flatnonzero(test), [(np.flatnonzero(train), np.flatnonzero(test))], how, notes)
+
+
+def _plan_kfold(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
+    everyone = np.arange(len(t.y))
+    src = _sources(t)
+    if t.task.group != "coarse" or src is None:
+        k = min(cfg.folds, len(t.y))
+        counts = np.bincount(t.y, minlength=t.task.n_classes)
+        small = [t.task.classes[c] for c in np.flatnonzero((counts > 0) & (counts < k))]
+        notes = [f"{t.task.name}: class(es) with fewer rows than folds: {', '.join(small)}"] if small else []
+        if k < 2 or counts.max() < k:
+            return TaskPlan(t, everyone, [], "too few rows for k-fold", notes)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
+        return TaskPlan(t, everyone, list(splitter.split(t.x, t.y)), f"stratified {k}-fold, seed {cfg.seed}", notes)
+    if len(set(src)) < 2:
+        return TaskPlan(
+            t, everyone, [], "one source dataset only: the attribute equals dataset identity (trivial for a probe)"
+        )
+    n_sources = np.array([len(set(src[t.y == c])) for c in range(t.task.n_classes)])
+    multi = [c for c in range(t.task.n_classes) if n_sources[c] >= 2]
+    single = [c for c in range(t.task.n_classes) if n_sources[c] == 1]
+    if len(multi) < 2:
+        return TaskPlan(t, everyone, [], "no two classes occur in two or more source datasets")
+    notes = []
+    if single:
+        by_source = {c: src[t.y == c][0] for c in single}
+        detail = ", ".join(
+            f"{t.task.classes[c]} (only in {by_source[c]}, {int((t.y == c).sum())} rows)" for c in single
+        )
+        notes.append(f"{t.task.name}: classes in a single source dataset excluded: {detail}")
+    sub = t.subset(np.ones(len(t.y), dtype=bool), multi)
+    groups = _sources(sub)
+    assert groups is not None
+    k = min(cfg.folds, len(set(groups)))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
+    folds = list(splitter.split(sub.x, sub.y, groups))
+    how = f"{k}-fold grouped by dataset (lp validates C on held-out datasets where it can)"
+    return TaskPlan(sub, np.arange(len(sub.y)), folds, how, notes, grouped=True)
 
 
 def few_shot_indices(y: np.ndarray, train: np.ndarray, shots: int, seed: int) -> np.ndarray | None:
-    """`shots` random training rows per class (None if some class has fewer)."""
+    """`shots` random training rows per class present in `train` (None if one has fewer)."""
     rng = np.random.default_rng(seed)
     out = []
-    for c in np.unique(y):
+    for c in np.unique(y[train]):
         pool = train[y[train] == c]
         if len(pool) < shots:
             return None
@@ -160,15 +381,7 @@ def few_shot_indices(y: np.ndarray, train: np.ndarray, shots: int, seed: int) ->
     return np.sort(np.concatenate(out))
 
 
-# ---- heads on one task ---------------------------------------------------------------------------
-
-
-def _oof(t: TaskArrays, folds, make) -> np.ndarray:
-    """Out-of-fold predictions: every test row is predicted by a head fit without it."""
-    pred = np.full(len(t.y), -1, dtype=np.int64)
-    for train, test in folds:
-        pred[test] = make().fit(t.x[train], t.y[train]).predict(t.x[test])
-    return pred
+# ---- heads on one task -------------------------------------------------------------------------------
 
 
 def _report(
@@ -182,7 +395,9 @@ def _report(
     seed: int | None = None,
 ) -> None:
     name, y = t.task.name, t.y[idx]
-    metrics = classification_metrics(y, pred, t.task.n_classes, cfg.n_boot, cfg.seed, class_names=t.task.classes)
+    metrics = classification_metrics(
+        y, pred, t.task.n_classes, cfg.n_boot, cfg.seed, class_names=t.task.classes, ci_method=cfg.ci_method
+    )
     for metric, est in metrics.items():
         out.add(name, head, metric, est, seed=seed)
     if seed is None:
@@ -194,98 +409,188 @@ def _report(
             continue
         values = t.meta[col].to_numpy()[idx]
         levels = [v for v in pd.unique(values) if v is not None and v == v]
-        if not levels:  # single-level strata are kept: they let results be grouped by domain/stain later
-            continue
-        for v in sorted(levels, key=str):
+        for v in sorted(levels, key=str):  # single-level strata are kept: results can be grouped by them
             m = values == v
-            est = classification_metrics(y[m], pred[m], t.task.n_classes, cfg.n_boot, cfg.seed)["accuracy"]
-            out.add(name, head, "accuracy", est, stratum=f"{col}={v}")
+            est = classification_metrics(y[m], pred[m], t.task.n_classes, cfg.n_boot, cfg.seed, ci_method=cfg.ci_method)
+            out.add(name, head, "accuracy", est["accuracy"], stratum=f"{col}={v}")
+
+
+def _guarded(out: Output, name: str, head: str, fn: Callable[[], None]) -> None:
+    """Run one head; data it cannot handle becomes a note and a skipped head."""
+    try:
+        fn()
+    except HEAD_ERRORS as exc:
+        out.notes.append(f"{name}: {head} skipped ({type(exc).__name__}: {exc})")
+
+
+def _missing_class_notes(t: TaskArrays, folds: Folds) -> list[str]:
+    notes = []
+    for i, (train, test) in enumerate(folds):
+        absent = sorted(set(t.y[test]) - set(t.y[train]))
+        if absent:
+            n = int(np.isin(t.y[test], absent).sum())
+            names = ", ".join(t.task.classes[c] for c in absent)
+            notes.append(
+                f"{t.task.name}: fold {i} has no training rows of {names}: probes cannot predict "
+                f"it, its {n} test rows count as errors"
+            )
+    return notes
 
 
 def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
     """Every requested head on one task, plus the alignment measures between them."""
     out = Output()
+    plan = plan_task(t, cfg)
+    out.notes += plan.notes
+    t, test, folds = plan.arrays, plan.test, plan.folds
     name = t.task.name
-    n_classes = t.task.n_classes
-    everyone = np.arange(len(t.y))
+    if len(test) == 0:
+        if not plan.notes:
+            out.notes.append(f"{name}: no rows to test under --protocol {cfg.protocol}")
+        return out
     correct: dict[str, np.ndarray] = {}
 
     if "zs_prompt" in cfg.heads:
         if t.prompt_emb is None:
             out.notes.append(f"{name}: zs_prompt not applicable (image-only model)")
         else:
-            pred = PromptZeroShot(t.prompt_emb).fit().predict(t.x)
-            _report(out, t, "zs_prompt", everyone, pred, cfg)
-            correct["zs"] = pred == t.y
-            for j, tmpl in enumerate(t.templates):
-                p = PromptZeroShot(t.prompt_emb, template=j).fit().predict(t.x)
-                out.add(
-                    name,
-                    f"zs_prompt[{j}]",
-                    "accuracy",
-                    classification_metrics(t.y, p, n_classes, 0)["accuracy"],
-                    stratum=f"template={tmpl}",
-                )
-            accs = [r["value"] for r in out.records if r["head"].startswith("zs_prompt[")]
-            if accs:
-                out.add(name, "zs_prompt", "template_spread", float(np.max(accs) - np.min(accs)), n=len(t.y))
-                out.add(name, "zs_prompt", "template_std", float(np.std(accs)), n=len(t.y))
-            gap = modality_gap(t.x, t.prompt_emb.reshape(-1, t.prompt_emb.shape[-1]))
-            out.add(name, "alignment", "modality_gap", gap, n=len(t.y))
+            _guarded(out, name, "zs_prompt", lambda: _zero_shot(out, t, test, cfg, correct))
 
-    needs_folds = {"lp", "knn", "proto", "fewshot"} & set(cfg.heads)
-    folds, how = task_folds(t, cfg) if needs_folds else ([], "")
-    if needs_folds:
-        out.notes.append(f"{name}: probes use {how}")
-    if not folds:  # zero-shot heads only, or a task that cannot be split honestly
+    if PROBE_HEADS & set(cfg.heads):
+        out.notes.append(f"{name}: probes use {plan.how}" if folds else f"{name}: probes skipped ({plan.how})")
+        out.notes += _missing_class_notes(t, folds)
+    if not folds:
         return out
-    tested = np.sort(np.concatenate([te for _, te in folds]))
 
     if "lp" in cfg.heads:
-        pred = _oof(t, folds, lambda: LinearProbe(Cs=cfg.cs, random_state=cfg.seed))
-        _report(out, t, "lp", tested, pred[tested], cfg)
-        correct["lp"] = pred == t.y
+        grouped = plan.grouped
+        _guarded(out, name, "lp", lambda: _linear_probe(out, t, folds, test, cfg, correct, grouped))
     if "proto" in cfg.heads:
-        pred = _oof(t, folds, lambda: PrototypeHead(n_classes))
-        _report(out, t, "proto", tested, pred[tested], cfg)
-        correct["proto"] = pred == t.y
+
+        def proto() -> None:
+            pred = np.full(len(t.y), -1, dtype=np.int64)
+            for train, te in folds:
+                pred[te] = PrototypeHead(t.task.n_classes).fit(t.x[train], t.y[train]).predict(t.x[te])
+            _report(out, t, "proto", test, pred[test], cfg)
+            correct["proto"] = pred == t.y
+
+        _guarded(out, name, "proto", proto)
     if "knn" in cfg.heads:
-        preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
-        for train, test in folds:
-            knn = KNNHead(cfg.ks, cfg.temperature, n_classes).fit(t.x[train], t.y[train])
-            for k, p in knn.predict_all(t.x[test]).items():
-                preds[k][test] = p
-        for k, p in preds.items():
-            _report(out, t, f"knn@{k}", tested, p[tested], cfg, strata=k == cfg.ks[min(2, len(cfg.ks) - 1)])
+        _guarded(out, name, "knn", lambda: _knn(out, t, folds, test, cfg))
     if "fewshot" in cfg.heads:
-        _few_shot(out, t, folds, cfg)
+        _guarded(out, name, "fewshot", lambda: _few_shot(out, t, folds, cfg))
 
     if "zs" in correct:
         for other, label in (("lp", "lp_minus_zs"), ("proto", "proto_minus_zs")):
             if other in correct:
-                d = paired_difference(correct[other][tested], correct["zs"][tested], cfg.n_boot, cfg.seed)
+                d = paired_difference(
+                    correct[other][test], correct["zs"][test], cfg.n_boot, cfg.seed, ci_method=cfg.ci_method
+                )
                 out.add(name, "alignment", label, d["difference"])
                 if other == "lp":
                     out.add(name, "alignment", "zs_over_lp", d["ratio"])
     return out
 
 
-def _few_shot(out: Output, t: TaskArrays, folds, cfg: EvalConfig) -> None:
-    """k shots per class from one training fold per seed; tuned only on those shots."""
+def _zero_shot(out: Output, t: TaskArrays, test: np.ndarray, cfg: EvalConfig, correct: dict) -> None:
+    name, x = t.task.name, t.x[test]
+    assert t.prompt_emb is not None
+    pred = np.full(len(t.y), -1, dtype=np.int64)
+    pred[test] = PromptZeroShot.from_templates(t.prompt_emb).predict(x)
+    _report(out, t, "zs_prompt", test, pred[test], cfg)
+    correct["zs"] = pred == t.y
+    accs = []
+    for j, tmpl in enumerate(t.templates):
+        p = PromptZeroShot.from_templates(t.prompt_emb, template=j).predict(x)
+        est = classification_metrics(t.y[test], p, t.task.n_classes, 0)["accuracy"]
+        out.add(name, f"zs_prompt[{j}]", "accuracy", est, stratum=f"template={tmpl}")
+        accs.append(est.value)
+    if accs:
+        out.add(name, "zs_prompt", "template_spread", float(np.max(accs) - np.min(accs)), n=len(test))
+        out.add(name, "zs_prompt", "template_std", float(np.std(accs)), n=len(test))
+    gap = modality_gap(x, t.prompt_emb.reshape(-1, t.prompt_emb.shape[-1]))
+    out.add(name, "alignment", "modality_gap", gap, n=len(test))
+
+
+def _probe_record(
+    out: Output, name: str, head: str, probe: LinearProbe, n: int, stratum: str, seed: int | None
+) -> None:
+    """The chosen C and the validation curve behind it (a probe sitting on a plateau shows here)."""
+    out.add(name, head, "chosen_C", probe.C_, stratum=stratum, seed=seed, n=n)
+    for c, score in probe.val_curve_:
+        out.add(name, head, "val_accuracy", score, stratum=f"{stratum};C={c:g}", seed=seed, n=n)
+
+
+def _edge_note(name: str, head: str, probes: list[tuple[str, LinearProbe]], cs: Sequence[float]) -> list[str]:
+    notes = []
+    for end, c in (("smallest", cs[0]), ("largest", cs[-1])):
+        where = [label for label, p in probes if p.at_edge_ and p.C_ == c]
+        if where:
+            notes.append(
+                f"{name}: {head} chose C={c:g}, the {end} value of the grid, in {', '.join(where)}: "
+                "the best C may lie outside it (widen --probe-cs)"
+            )
+    return notes
+
+
+def _linear_probe(
+    out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig, correct: dict, grouped: bool = False
+) -> None:
+    """Out-of-fold probe; with `grouped` folds, C is also validated on held-out source datasets."""
+    name = t.task.name
+    pred = np.full(len(t.y), -1, dtype=np.int64)
+    probes = []
+    groups = _sources(t) if grouped else None
+    for i, (train, te) in enumerate(folds):
+        probe = LinearProbe(Cs=cfg.cs, patience=cfg.patience, random_state=cfg.seed, fallback_C=cfg.fallback_c)
+        probe.fit(t.x[train], t.y[train], groups=groups[train] if groups is not None else None)
+        pred[te] = probe.predict(t.x[te])
+        _probe_record(out, name, "lp", probe, len(train), f"fold={i}", None)
+        probes.append((f"fold {i}", probe))
+        if len(probe.classes_) < 2:
+            out.notes.append(f"{name}: lp fold {i} has one training class: it predicts that class")
+    _report(out, t, "lp", test, pred[test], cfg)
+    correct["lp"] = pred == t.y
+    out.notes += _edge_note(name, "lp", probes, cfg.cs)
+    in_source = [label for label, p in probes if groups is not None and p.validation_ == "stratified"]
+    if in_source:
+        out.notes.append(
+            f"{name}: lp validated C on a stratified split of the training sources in {', '.join(in_source)} "
+            "(too few source datasets per class to hold some out)"
+        )
+
+
+def _knn(out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig) -> None:
+    preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
+    for train, te in folds:
+        knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes).fit(t.x[train], t.y[train])
+        for k, p in knn.predict_all(t.x[te]).items():
+            preds[k][te] = p
+    for k, p in preds.items():
+        _report(out, t, f"knn@{k}", test, p[test], cfg, strata=k == cfg.ks[min(2, len(cfg.ks) - 1)])
+
+
+def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None:
+    """k shots per class from one training fold per seed; C tuned only on those shots."""
+    name = t.task.name
     for shots in cfg.shots:
         accs: dict[str, list[float]] = {"lp": [], "proto": []}
+        probes = []
         for s in range(cfg.fewshot_seeds):
             train, test = folds[s % len(folds)]
             idx = few_shot_indices(t.y, train, shots, seed=cfg.seed * 1000 + s)
             if idx is None:
+                out.notes.append(f"{name}: {shots}-shot skipped (a class has fewer than {shots} training rows)")
                 break
-            for head, make in (
-                ("lp", lambda s=s: LinearProbe(Cs=cfg.cs, val_fraction=0.5, random_state=s)),
-                ("proto", lambda: PrototypeHead(t.task.n_classes)),
-            ):
-                pred = make().fit(t.x[idx], t.y[idx]).predict(t.x[test])
+            probe = LinearProbe(
+                Cs=cfg.cs, patience=cfg.patience, val_fraction=0.5, random_state=s, fallback_C=cfg.fallback_c
+            ).fit(t.x[idx], t.y[idx])
+            probes.append((f"seed {s}", probe))
+            _probe_record(out, name, f"lp_{shots}shot", probe, len(idx), "all", s)
+            for head, model in (("lp", probe), ("proto", PrototypeHead(t.task.n_classes).fit(t.x[idx], t.y[idx]))):
+                pred = model.predict(t.x[test])
                 est = classification_metrics(t.y[test], pred, t.task.n_classes, 0)["accuracy"]
-                out.add(t.task.name, f"{head}_{shots}shot", "accuracy", est, seed=s)
+                out.add(name, f"{head}_{shots}shot", "accuracy", est, seed=s)
                 accs[head].append(est.value)
         for head, values in accs.items():
             if values:
@@ -293,7 +598,7 @@ def _few_shot(out: Output, t: TaskArrays, folds, cfg: EvalConfig) -> None:
                 m, half = float(np.mean(values)), 1.96 * sd / np.sqrt(len(values))
                 out.records.append(
                     {
-                        "task": t.task.name,
+                        "task": name,
                         "head": f"{head}_{shots}shot",
                         "metric": "accuracy",
                         "stratum": "mean_over_seeds",
@@ -304,21 +609,23 @@ def _few_shot(out: Output, t: TaskArrays, folds, cfg: EvalConfig) -> None:
                         "seed": None,
                     }
                 )
+        if shots > 1:
+            out.notes += _edge_note(name, f"lp_{shots}shot", probes, cfg.cs)
 
 
 # ---- μ-Bench caption protocol ----------------------------------------------------------------------
 
 
-def caption_keys(available: Sequence[str], templates: str) -> dict[str, list[str]]:
-    """Caption keys per pooled group ("coarse", "fine"), honouring the template choice."""
+def caption_keys(available: Sequence[str], cfg: EvalConfig) -> dict[str, list[str]]:
+    """Caption keys per pooled group ("coarse", "fine"), honouring each group's template choice."""
 
-    def keep(key: str) -> bool:
+    def keep(key: str, templates: str) -> bool:
         second = key.endswith("_1")
         return templates == "both" or (templates == "1") == second
 
     return {
-        "coarse": [k for k in COARSE_CAPTION_KEYS if k in available and keep(k)],
-        "fine": [k for k in FINE_CAPTION_KEYS if k in available and keep(k)],
+        group: [k for k in keys if k in available and keep(k, cfg.templates_for(group))]
+        for group, keys in (("coarse", COARSE_CAPTION_KEYS), ("fine", FINE_CAPTION_KEYS))
     }
 
 
@@ -330,20 +637,23 @@ def evaluate_captions(
     valid: np.ndarray,
     cfg: EvalConfig,
 ) -> Output:
-    """μ-Bench zero-shot: per caption key, per source dataset, and pooled coarse / fine."""
+    """μ-Bench zero-shot: per caption key, per source dataset, and pooled coarse / fine.
+
+    Under --protocol split/transfer only the test rows are scored, like every other head.
+    """
     out = Output()
-    keep = valid.copy()
-    if cfg.exclude_datasets and "dataset" in meta:
-        keep &= ~meta["dataset"].astype(str).isin(cfg.exclude_datasets).to_numpy()
-    groups = caption_keys(list(captions), cfg.caption_templates)
+    rows_tested = test_mask(meta, cfg)
     datasets_col = meta["dataset"].astype(str).to_numpy() if "dataset" in meta else None
-    for group, keys in groups.items():
+    for group, keys in caption_keys(list(captions), cfg).items():
+        keep = valid.copy() if rows_tested is None else valid & rows_tested
+        excluded = cfg.excluded_for(group)
+        if excluded and datasets_col is not None:
+            keep &= ~np.isin(datasets_col, excluded)
         pooled, per_key = [], []
         for key in keys:
             options, answer = captions[key]
             ok, chosen, right = caption_choice(image_emb, text_emb, options, answer)
-            ok &= keep
-            rows = np.flatnonzero(ok)
+            rows = np.flatnonzero(ok & keep)
             if rows.size == 0:
                 continue
             task = f"mubench/{key}"
@@ -356,17 +666,16 @@ def evaluate_captions(
                     out.add(task, "zs_caption", "accuracy", _binary(right[rows][m], cfg), stratum=f"dataset={d}")
             pooled.append(right[rows])
             per_key.append(est.value)
-        if pooled:
-            if cfg.pooling == "macro":
-                out.add(
-                    f"mubench/{group}",
-                    "zs_caption",
-                    "accuracy",
-                    float(np.mean(per_key)),
-                    n=int(sum(len(p) for p in pooled)),
-                )
-            else:
-                out.add(f"mubench/{group}", "zs_caption", "accuracy", _binary(np.concatenate(pooled), cfg))
+        if not pooled:
+            continue
+        task = f"mubench/{group}"
+        if cfg.pooling == "macro":
+            out.add(task, "zs_caption", "accuracy", float(np.mean(per_key)), n=int(sum(len(p) for p in pooled)))
+            continue
+        est = _binary(np.concatenate(pooled), cfg)
+        out.add(task, "zs_caption", "accuracy", est)
+        if est.ci_high == est.ci_high:  # μ-Bench reports a CI as the half-width |high - estimate|
+            out.add(task, "zs_caption", "ci_half_width", abs(est.ci_high - est.value), n=est.n)
     return out
 
 
@@ -374,14 +683,17 @@ def evaluate_retrieval(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
     captions: dict[str, tuple[np.ndarray, np.ndarray]],
+    meta: pd.DataFrame,
     valid: np.ndarray,
     cfg: EvalConfig,
 ) -> Output:
     """Image->text and text->image Recall@1/5/10 and mAP per caption key (see heads.retrieval)."""
     out = Output()
+    rows_tested = test_mask(meta, cfg)
+    usable = valid if rows_tested is None else valid & rows_tested
     for key in sorted(captions):
         options, answer = captions[key]
-        ok = valid & (answer >= 0)
+        ok = usable & (answer >= 0)
         positive = np.full(len(answer), -1, dtype=np.int64)
         rows = np.flatnonzero(ok)
         positive[rows] = options[rows, answer[rows]]
@@ -395,4 +707,4 @@ def evaluate_retrieval(
 def _binary(correct: np.ndarray, cfg: EvalConfig) -> Estimate:
     """Accuracy of a 0/1 vector with a bootstrap CI."""
     c = correct.astype(np.int64)
-    return classification_metrics(c, np.ones_like(c), 2, cfg.n_boot, cfg.seed)["accuracy"]
+    return classification_metrics(c, np.ones_like(c), 2, cfg.n_boot, cfg.seed, ci_method=cfg.ci_method)["accuracy"]

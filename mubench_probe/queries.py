@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ProvenanceMismatchError, StoreError, UsageError
+from .heads.scoring import top_k
 from .index import EXACT, IndexCache, build_index
 from .store import EmbeddingStore, Run, RunArrays, l2_normalize
 
@@ -144,7 +145,9 @@ def search_store(
             idx_obj, info, _ = IndexCache(st.path).get(run.path, "image", emb, index)
     valid = arrays.valid
     kk = min(len(gallery_ids), k + (0 if to == "text" or where else int((~valid).sum())))
-    scores, found = idx_obj.search(np.ascontiguousarray(q[None], dtype=np.float32), kk)
+    # the index proposes candidates; exact scores rank them, ties to the lower row (same on every CPU)
+    vectors = arrays.text_emb if to == "text" else emb[gallery_ids] if where else emb
+    scores, found = top_k(vectors, q[None], kk, candidates=lambda qs, n: idx_obj.search(qs.astype(np.float32), n)[1])
     hits = []
     texts = arrays.texts if to == "text" else None
     meta = arrays.meta if to == "image" else None

@@ -26,8 +26,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 def _knn_sets(x: np.ndarray, k: int) -> np.ndarray:
     from .heads.knn import search
+    from .store import l2_normalize
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = l2_normalize(x)  # cosine neighbours
     _, idx = search(x, x, k + 1)
     # drop each sample itself (it is its own nearest neighbour, up to ties with duplicates)
     out = np.empty((len(x), k), dtype=np.int64)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mubench_probe import api
 from mubench_probe.cli import app
 from mubench_probe.errors import StoreError
-from mubench_probe.protocol import EvalConfig, TaskArrays, evaluate_captions, task_folds
+from mubench_probe.protocol import EvalConfig, TaskArrays, evaluate_captions, plan_task
 from mubench_probe.store import l2_normalize
 from mubench_probe.tasks import derive_tasks
 
@@ -89,12 +89,12 @@ def test_coarse_probe_folds_are_grouped_by_source_dataset():
     )
     task = next(t for t in derive_tasks(meta) if t.name == "coarse/modality")
     arrays = TaskArrays(task, task.rows, rng.normal(size=(60, 4)), task.y, meta)
-    folds, how = task_folds(arrays, EvalConfig(folds=5))
-    assert "grouped by dataset" in how and len(folds) >= 2
-    for train, test in folds:
+    plan = plan_task(arrays, EvalConfig(folds=5))
+    assert "grouped by dataset" in plan.how and len(plan.folds) >= 2
+    for train, test in plan.folds:
         assert not set(meta["dataset"][train]) & set(meta["dataset"][test])
     one_source = TaskArrays(task, task.rows, arrays.x, task.y, meta.assign(dataset="d1"))
-    assert task_folds(one_source, EvalConfig())[0] == []
+    assert plan_task(one_source, EvalConfig()).folds == []
 
 
 def test_mubench_caption_protocol_pools_and_skips_nulls():

@@ -1,8 +1,9 @@
-"""Temperature-weighted kNN on FAISS inner-product search: every k from one search.
+"""Temperature-weighted kNN: every k from one search, identical on every CPU.
 
-Votes are exp(similarity / T) (T = 0.07, as in DINO's evaluation). Neighbours with equal
-similarity are ordered by training index, so the result does not depend on FAISS's internal
-tie order (exact unless more than `tie_margin` neighbours tie at the k-th place).
+Votes are exp(similarity / T) (T = 0.07, as in DINO's evaluation). Neighbours come from
+`scoring.top_k`: FAISS proposes candidates, exact scores rank them, and neighbours with equal
+similarity are ordered by training index, so duplicates tie the same way on every machine.
+A class absent from the training rows can never be predicted (it gets no votes).
 """
 
 from __future__ import annotations
@@ -10,30 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from .scoring import top_k
 
 DEFAULT_KS = (1, 5, 10, 20)
 TEMPERATURE = 0.07
 
 
-def _index(x: np.ndarray):
-    import faiss
-
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(np.ascontiguousarray(x, dtype=np.float32))
-    return index
-
-
-def search(train: np.ndarray, query: np.ndarray, k: int, tie_margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products (scores, indices) with ties broken by the lower training index."""
-    import faiss  # noqa: F401  (imported for its side effect of a clear ImportError here)
-
-    k = min(k, len(train))
-    kk = min(k + tie_margin, len(train))
-    scores, idx = _index(train).search(np.ascontiguousarray(query, dtype=np.float32), kk)
-    order = np.lexsort((idx, -scores), axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)[:, :k]
-    idx = np.take_along_axis(idx, order, axis=1)[:, :k]
-    return scores, idx
+def search(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products (exact float64 scores, training indices), ties to the lower index."""
+    return top_k(np.asarray(train, dtype=np.float32), np.asarray(query, dtype=np.float32), k)
 
 
 def weighted_votes(
@@ -47,23 +35,29 @@ def weighted_votes(
     return {k: cum[:, min(k, cum.shape[1]) - 1].argmax(axis=1) for k in ks}
 
 
-class KNNHead:
-    """Estimator-like: fit stores the gallery, predict_all returns predictions for every k."""
+class KNNHead(ClassifierMixin, BaseEstimator):
+    """Estimator: `fit` stores the gallery, `predict_all` returns predictions for every k in `ks`.
+
+    `predict` uses the largest k. Labels are integer class indices (0..n_classes-1).
+    """
 
     def __init__(
         self, ks: Sequence[int] = DEFAULT_KS, temperature: float = TEMPERATURE, n_classes: int | None = None
     ) -> None:
-        self.ks, self.temperature, self.n_classes = tuple(ks), temperature, n_classes
+        self.ks = ks
+        self.temperature = temperature
+        self.n_classes = n_classes
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> KNNHead:
-        self.x_ = np.ascontiguousarray(x, dtype=np.float32)
-        self.y_ = np.asarray(y)
-        self.n_classes_ = self.n_classes or int(self.y_.max()) + 1
+    def fit(self, X: np.ndarray, y: np.ndarray) -> KNNHead:
+        self.x_ = np.ascontiguousarray(X, dtype=np.float32)
+        self.y_ = np.asarray(y, dtype=np.int64)
+        self.classes_ = np.arange(self.n_classes or int(self.y_.max()) + 1)
         return self
 
-    def predict_all(self, x: np.ndarray) -> dict[int, np.ndarray]:
-        scores, idx = search(self.x_, x, max(self.ks))
-        return weighted_votes(scores, self.y_[idx], self.n_classes_, self.ks, self.temperature)
+    def predict_all(self, X: np.ndarray) -> dict[int, np.ndarray]:
+        ks = tuple(self.ks)
+        scores, idx = search(self.x_, X, max(ks))
+        return weighted_votes(scores, self.y_[idx], len(self.classes_), ks, self.temperature)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_all(x)[self.ks[-1]]
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_all(X)[max(self.ks)]

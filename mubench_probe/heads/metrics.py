@@ -1,19 +1,23 @@
 """Classification metrics and bootstrap confidence intervals over plain arrays.
 
-Percentile bootstrap over samples with a fixed seed; a paired bootstrap resamples the same
-indices for two prediction vectors, so the CI of a difference accounts for their correlation.
+Bootstrap over samples with a fixed seed: the percentile interval (default) or the basic
+interval (2 * estimate - upper and lower quantiles, as `scipy.stats.bootstrap(method="basic")`,
+which μ-Bench's paper used). A paired bootstrap resamples the same indices for two prediction
+vectors, so the CI of a difference accounts for their correlation. Resample indices are drawn
+in blocks from one generator (the same stream as one big draw), so memory stays bounded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-Metric = Callable[[np.ndarray, np.ndarray, int], float]
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_SEED = 0
+CI_METHODS = ("percentile", "basic")
+_BLOCK_CELLS = 2_000_000  # resample indices drawn at a time (16 MB)
 
 
 def confusion(y: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
@@ -69,17 +73,23 @@ class Estimate:
     n: int
 
 
-def _quantiles(b: np.ndarray, alpha: float) -> tuple[float, float]:
-    """Percentile interval ignoring NaN resamples (e.g. a class absent from a resample); NaN if none."""
+def _interval(b: np.ndarray, value: float, alpha: float, method: str = "percentile") -> tuple[float, float]:
+    """Bootstrap interval ignoring NaN resamples (e.g. a class absent from a resample); NaN if none."""
     b = b[~np.isnan(b)]
     if b.size == 0:
         return float("nan"), float("nan")
-    lo, hi = np.quantile(b, [alpha, 1 - alpha])
-    return float(lo), float(hi)
+    lo, hi = (float(q) for q in np.quantile(b, [alpha, 1 - alpha]))
+    if method == "basic":
+        return 2 * value - hi, 2 * value - lo
+    return lo, hi
 
 
-def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+def _index_blocks(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Resample index matrices (rows = resamples) in blocks of bounded size, one generator stream."""
+    rng = np.random.default_rng(seed)
+    step = max(1, _BLOCK_CELLS // max(n, 1))
+    for s in range(0, n_boot, step):
+        yield rng.integers(0, n, size=(min(step, n_boot - s), n))
 
 
 def classification_metrics(
@@ -90,6 +100,7 @@ def classification_metrics(
     seed: int = DEFAULT_SEED,
     ci: float = 0.95,
     class_names: Sequence[str] | None = None,
+    ci_method: str = "percentile",
 ) -> dict[str, Estimate]:
     """Accuracy, balanced accuracy and macro-F1 with bootstrap CIs; per-class recall (no CI)."""
     y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.int64)
@@ -99,18 +110,15 @@ def classification_metrics(
     cm = confusion(y, p, n_classes)
     out: dict[str, Estimate] = {}
     boots: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_METRICS}
-    if n_boot > 0:
-        idx_all = _indices(n, n_boot, seed)
-        step = max(1, 2_000_000 // max(n, 1))
-        for s in range(0, n_boot, step):
-            cms = _batched_confusion(y, p, idx_all[s : s + step], n_classes)
-            for k, fn in SUMMARY_METRICS.items():
-                boots[k].append(fn(cms))
+    for idx in _index_blocks(n, n_boot, seed) if n_boot > 0 else ():
+        cms = _batched_confusion(y, p, idx, n_classes)
+        for k, fn in SUMMARY_METRICS.items():
+            boots[k].append(fn(cms))
     alpha = (1 - ci) / 2
     for k, fn in SUMMARY_METRICS.items():
         value = float(fn(cm))
         if n_boot > 0:
-            lo, hi = _quantiles(np.concatenate(boots[k]), alpha)
+            lo, hi = _interval(np.concatenate(boots[k]), value, alpha, ci_method)
         else:
             lo = hi = float("nan")
         out[k] = Estimate(value, float(lo), float(hi), n)
@@ -128,6 +136,7 @@ def paired_difference(
     n_boot: int = DEFAULT_BOOTSTRAP,
     seed: int = DEFAULT_SEED,
     ci: float = 0.95,
+    ci_method: str = "percentile",
 ) -> dict[str, Estimate]:
     """acc(a) - acc(b) and acc(b) / acc(a) on the same samples, with paired bootstrap CIs."""
     a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
@@ -137,10 +146,10 @@ def paired_difference(
     alpha = (1 - ci) / 2
     diff, ratio = a.mean() - b.mean(), (b.mean() / a.mean() if a.mean() > 0 else float("nan"))
     if n_boot > 0:
-        idx = _indices(n, n_boot, seed)
-        ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
-        d_lo, d_hi = np.quantile(ma - mb, [alpha, 1 - alpha])
-        r_lo, r_hi = _quantiles(np.divide(mb, ma, out=np.full(ma.shape, np.nan), where=ma > 0), alpha)
+        means = [(a[idx].mean(axis=1), b[idx].mean(axis=1)) for idx in _index_blocks(n, n_boot, seed)]
+        ma, mb = np.concatenate([m[0] for m in means]), np.concatenate([m[1] for m in means])
+        d_lo, d_hi = _interval(ma - mb, float(diff), alpha, ci_method)
+        r_lo, r_hi = _interval(np.divide(mb, ma, out=np.full(ma.shape, np.nan), where=ma > 0), ratio, alpha, ci_method)
     else:
         d_lo = d_hi = r_lo = r_hi = float("nan")
     return {

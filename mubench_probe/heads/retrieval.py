@@ -7,7 +7,7 @@ Definitions (they differ across papers, so here is ours):
   whose correct caption is that text (for template captions: the images with that label).
 - Recall@k: the fraction of queries with at least one relevant item in the top k.
 - mAP: mean over queries of average precision over the full ranking.
-Ties in similarity are ranked by item index (a stable sort), so results are deterministic.
+Similarities are exact (`scoring`) and ties rank by item index, so results are identical on every CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from .scoring import exact_scores, rank_rows
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -25,7 +27,7 @@ def ranking_metrics(sims: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = 
     sims, relevant = sims[keep], relevant[keep]
     if len(sims) == 0:
         return {}
-    order = np.argsort(-sims, axis=1, kind="stable")
+    order = rank_rows(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape))
     rel = np.take_along_axis(relevant, order, axis=1)
     out = {f"R@{k}": float(rel[:, :k].any(axis=1).mean()) for k in ks}
     hits = np.cumsum(rel, axis=1)
@@ -46,7 +48,7 @@ def caption_retrieval(
         return {}
     img = image_emb[ok]
     pos = positive_text[ok]
-    sims = img @ text_emb[gallery].T  # (images, texts)
+    sims = exact_scores(img, text_emb[gallery])  # (images, texts)
     relevant = pos[:, None] == gallery[None, :]
     return {
         "image_to_text": ranking_metrics(sims, relevant, ks),

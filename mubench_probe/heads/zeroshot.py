@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..errors import UsageError
+from .scoring import BLOCK_ROWS, exact_pairs, exact_scores
 
 
 def caption_choice(
@@ -20,18 +22,19 @@ def caption_choice(
 
     options (N, K) holds indices into text_emb with -1 padding; answer (N,) is the correct
     option's position (-1 = null entry, excluded). Returns (valid mask, chosen position, correct).
-    Ties go to the first option, as `argmax` does.
+    Scores are exact (`scoring`), so options with identical embeddings (e.g. captions that differ
+    only after the tokenizer's context length) tie on every machine; ties go to the first option.
     """
     options = np.asarray(options)
     answer = np.asarray(answer)
     valid = (answer >= 0) & (options >= 0).any(axis=1)
     chosen = np.full(len(answer), -1, dtype=np.int64)
     rows = np.flatnonzero(valid)
-    if rows.size:
-        opts = options[rows]
-        sims = np.einsum("nd,nkd->nk", image_emb[rows], text_emb[np.maximum(opts, 0)])
-        sims = np.where(opts >= 0, sims, -np.inf)
-        chosen[rows] = sims.argmax(axis=1)
+    for s in range(0, len(rows), BLOCK_ROWS):
+        part = rows[s : s + BLOCK_ROWS]
+        opts = options[part]
+        sims = exact_pairs(image_emb[part], text_emb[np.maximum(opts, 0)])
+        chosen[part] = np.where(opts >= 0, sims, -np.inf).argmax(axis=1)
     correct = valid & (chosen == answer)
     return valid, chosen, correct
 
@@ -39,62 +42,65 @@ def caption_choice(
 def ensemble_weights(class_template_emb: np.ndarray) -> np.ndarray:
     """(C, T, D) prompt embeddings -> (C, D): normalise each, average over templates, re-normalise."""
     e = np.asarray(class_template_emb, dtype=np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-    w = e.mean(axis=1)
-    return (w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    return _unit_rows(_unit_rows(e).mean(axis=1)).astype(np.float32)
 
 
-class CosineClassifier:
-    """Predicts the class whose unit weight vector is closest in cosine similarity.
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-    The common form of class-prompt zero-shot and of the image prototype head: comparing the
-    two on the same images isolates how well text aligns with what the image encoder perceives.
+
+class CosineClassifier(ClassifierMixin, BaseEstimator):
+    """Nearest class prototype by cosine similarity (NearestCentroid with a cosine metric).
+
+    `fit(X, y)` normalises each row, averages the rows of each class and re-normalises: for
+    image embeddings this is the prototype head, for prompt text embeddings (one row per class
+    and template) it is class-prompt zero-shot with a template ensemble. Comparing the two on
+    the same images isolates how well text aligns with what the image encoder perceives.
+    Classes without rows (below `n_classes`) can never be predicted. Scores are exact
+    (`scoring`), ties go to the lower class index.
     """
-
-    weights_: np.ndarray
-
-    def decision_function(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float32) @ self.weights_.T
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.decision_function(x).argmax(axis=1)
-
-    def score(self, x: np.ndarray, y: np.ndarray) -> float:
-        return float((self.predict(x) == np.asarray(y)).mean())
-
-
-class PromptZeroShot(CosineClassifier):
-    """Class-prompt zero-shot: weights from text embeddings of (class x template) prompts."""
-
-    def __init__(self, class_template_emb: np.ndarray, template: int | None = None) -> None:
-        self.class_template_emb = np.asarray(class_template_emb)
-        self.template = template
-
-    def fit(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> PromptZeroShot:
-        """Nothing is learned from images; `fit` exists so the head composes like an estimator."""
-        e = self.class_template_emb
-        if e.ndim != 3:
-            raise UsageError("class prompt embeddings must be (classes, templates, dim)")
-        self.weights_ = ensemble_weights(e if self.template is None else e[:, [self.template]])
-        return self
-
-
-class PrototypeHead(CosineClassifier):
-    """Nearest class mean of (normalised) training image embeddings, like NearestCentroid with cosine."""
 
     def __init__(self, n_classes: int | None = None) -> None:
         self.n_classes = n_classes
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> PrototypeHead:
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+    def fit(self, X: np.ndarray, y: np.ndarray) -> CosineClassifier:
+        x, y = _unit_rows(np.asarray(X, dtype=np.float64)), np.asarray(y, dtype=np.int64)
+        if x.ndim != 2 or len(x) != len(y) or len(y) == 0:
+            raise ValueError(f"X must be (n, d) with one label per row; got {x.shape} and {len(y)} labels")
         c = self.n_classes or int(y.max()) + 1
         sums = np.zeros((c, x.shape[1]))
         np.add.at(sums, y, x)
-        counts = np.bincount(y, minlength=c)[:, None]
-        means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        self.weights_ = (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        self.classes_present_ = counts[:, 0] > 0
+        self.present_ = np.bincount(y, minlength=c) > 0
+        self.classes_ = np.arange(c)
+        self.weights_ = _unit_rows(sums).astype(np.float32)
         return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        scores = exact_scores(np.asarray(X, dtype=np.float32), self.weights_)
+        scores[:, ~self.present_] = -np.inf
+        return scores
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.decision_function(X).argmax(axis=1)
+
+
+class PrototypeHead(CosineClassifier):
+    """Nearest class mean of (normalised) training image embeddings."""
+
+
+class PromptZeroShot(CosineClassifier):
+    """Class-prompt zero-shot: `fit(prompt_text_emb, prompt_class)`, one row per (class, template)."""
+
+    @classmethod
+    def from_templates(cls, class_template_emb: np.ndarray, template: int | None = None) -> PromptZeroShot:
+        """Fitted from (C, T, D) prompt embeddings: every template (ensemble) or only `template`."""
+        e = np.asarray(class_template_emb)
+        if e.ndim != 3:
+            raise UsageError("class prompt embeddings must be (classes, templates, dim)")
+        if template is not None:
+            e = e[:, [template]]
+        c, t, d = e.shape
+        return cls(n_classes=c).fit(e.reshape(c * t, d), np.repeat(np.arange(c), t))
 
 
 def template_indices(texts: Sequence[str], prompts: Sequence[Sequence[str]]) -> np.ndarray:

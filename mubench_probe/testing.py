@@ -1,0 +1,265 @@
+"""Hard synthetic data and stores for testing heads and protocols (no models, no network).
+
+Easy data hides bugs: the bundled BCCD sample is nearly linearly separable, so a linear probe
+stuck at its strongest regularisation still passed every test. Real embeddings are
+anisotropic: unit vectors in a narrow cone around one common direction, with the class signal
+in a small residual. `hard_embeddings` builds exactly that, with weak, imbalanced classes and an
+anisotropic noise spectrum; `multi_source_store` writes a μ-Bench-like store with several
+source datasets, coarse attributes shared by some sources and owned by one, class prompts,
+per-image caption options and a `split` column, so every protocol can be tested on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .store import EmbeddingStore, Run, RunLayout
+from .tasks import derive_tasks, prompt_texts, unique_texts
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _noise(rng: np.random.Generator, n: int, dim: int, decay: float) -> np.ndarray:
+    """Gaussian noise with a power-law spectrum (decay 0 = isotropic) in a random basis, unit mean norm."""
+    spectrum = 1.0 / np.arange(1, dim + 1) ** decay
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    noise = (rng.normal(size=(n, dim)) * spectrum) @ basis.T
+    return noise / np.sqrt((noise**2).sum(axis=1).mean())
+
+
+def hard_embeddings(
+    n: int = 1500,
+    dim: int = 768,
+    classes: int = 10,
+    *,
+    residual: float = 0.2,
+    signal: float = 0.1,
+    imbalance: float = 0.1,
+    decay: float = 0.0,
+    min_rows: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors `normalize(u + r)`: a common direction u plus a residual r of mean norm `residual`.
+
+    The residual is `signal * class_mean + noise` (class means orthogonal to u, unit noise), so
+    the class signal is weak and sits in a small part of each vector. Class frequencies fall as
+    exp(-imbalance * c); `min_rows` forces at least that many rows in every class (the rarest
+    last). With the defaults (768-d, 10 classes) every prediction is the majority class until
+    C is about 0.3, and an exhaustive sweep of C picks 300-3000.
+    """
+    rng = np.random.default_rng(seed)
+    u = _unit(rng.normal(size=dim))
+    means = rng.normal(size=(classes, dim))
+    means = _unit(means - np.outer(means @ u, u))
+    p = np.exp(-imbalance * np.arange(classes))
+    y = rng.choice(classes, size=n, p=p / p.sum())
+    for c in range(classes):  # make sure small classes exist with at least min_rows rows
+        short = min_rows - int((y == c).sum())
+        if short > 0:
+            donors = np.flatnonzero(y == np.bincount(y, minlength=classes).argmax())
+            y[rng.choice(donors, size=short, replace=False)] = c
+    r = signal * means[y] + _noise(rng, n, dim, decay)
+    r -= np.outer(r @ u, u)
+    r *= residual / np.sqrt((r**2).sum(axis=1).mean())
+    return _unit(u + r).astype(np.float32), y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source dataset of a synthetic μ-Bench-like store."""
+
+    name: str
+    classes: int
+    rows: int
+    modality: str
+    stain: str
+    domain: str
+
+
+DEFAULT_SOURCES = (
+    Source("histo_a", 7, 260, "light microscopy", "H&E", "pathology"),
+    Source("histo_b", 5, 220, "light microscopy", "H&E", "pathology"),
+    Source("fluo_a", 6, 240, "fluorescence microscopy", "DAPI", "cell biology"),
+    Source("fluo_b", 4, 200, "fluorescence microscopy", "DAPI", "cell biology"),
+    Source("em_a", 3, 140, "electron microscopy", "uranyl acetate", "cell biology"),
+)
+COARSE = ("domain", "modality", "stain")
+CAPTION_TEMPLATES = ("a {} image.", "an image taken with {}.")
+
+
+def write_run(
+    store: str | Path | EmbeddingStore,
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    *,
+    text_vectors: Mapping[str, np.ndarray] | None = None,
+    captions: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    templates: Sequence[str] = ("a microscopy image of {}.",),
+    model: str = "synthetic:random",
+    dataset: str = "synth",
+    chunk_rows: int = 64,
+    dtype: str = "float32",
+    failures: Sequence[str] | None = None,
+) -> Run:
+    """Write one run through the store API, as `probe extract` would, from arrays.
+
+    `text_vectors` maps every text the heads need (class prompts, caption options) to its
+    embedding; None makes an image-only run. `captions[key]` holds (options (N, K) indices into
+    the text table, answer (N,)), with the text table ordered as `list(text_vectors)`.
+    """
+    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
+    tasks = derive_tasks(meta)
+    texts = list(text_vectors) if text_vectors is not None else []
+    layout = RunLayout(len(x), x.shape[1], chunk_rows, dtype)
+    prov = {
+        "model_spec": model,
+        "backend": "synthetic",
+        "weights_hash": "0",
+        "has_text": text_vectors is not None,
+        "dataset_spec": dataset,
+    }
+    plan = {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}}
+    run = st.prepare_run(f"{model.replace(':', '_')}/{dataset}/test", prov, layout, meta, texts, captions or {}, plan)
+    fails = list(failures) if failures is not None else [""] * len(x)
+    for ci in range(layout.n_chunks):
+        sl = layout.chunk_slice(ci)
+        run.write_chunk(ci, x[sl], fails[sl])
+    if text_vectors is not None:
+        run.write_text_embeddings(np.array([text_vectors[t] for t in texts]))
+    return run
+
+
+def multi_source_store(
+    path: str | Path,
+    *,
+    dim: int = 128,
+    sources: Sequence[Source] = DEFAULT_SOURCES,
+    models: Sequence[str] = ("synthetic:a",),
+    templates: Sequence[str] = ("a microscopy image of {}.", "a micrograph of {}."),
+    residual: float = 0.2,
+    signal: float = 0.6,
+    attribute_signal: float = 0.5,
+    alignment: float = 0.5,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    chunk_rows: int = 64,
+) -> Path:
+    """A μ-Bench-like store with several source datasets, for every protocol and head.
+
+    Rows of each source carry `label_name` (the source's own classes), `dataset`, coarse
+    attributes (`domain`, `modality`, `stain`; with the defaults `electron microscopy` and
+    `uranyl acetate` occur in one source only), a `split` column (train/test) and caption
+    options for every attribute (two sentence templates) and the fine classes
+    (`classification_0`, `classification_1`), as μ-Bench stores them. Images are
+    `hard_embeddings`-style cone vectors whose residual carries attribute and class signal; text
+    vectors sit in their own cone (a modality gap) and point partly (`alignment`) to the class
+    signal. Each model in `models` gets its own, differently seeded, run.
+    """
+    rng0 = np.random.default_rng(seed)
+    meta_parts, labels_per_source = [], {}
+    for s in sources:
+        p = np.exp(-0.15 * np.arange(s.classes))
+        y = rng0.choice(s.classes, size=s.rows, p=p / p.sum())
+        y[: s.classes] = np.arange(s.classes)  # every class present
+        names = [f"{s.name} class {c}" for c in range(s.classes)]
+        labels_per_source[s.name] = names
+        split = np.where(rng0.random(s.rows) < test_fraction, "test", "train")
+        meta_parts.append(
+            pd.DataFrame(
+                {
+                    "label_name": [names[c] for c in y],
+                    "dataset": s.name,
+                    "domain": s.domain,
+                    "modality": s.modality,
+                    "stain": s.stain,
+                    "split": split,
+                    "image_id": [f"{s.name}-{i}" for i in range(s.rows)],
+                }
+            )
+        )
+    meta = pd.concat(meta_parts, ignore_index=True)
+    for i, model in enumerate(models):
+        rng = np.random.default_rng(seed + 1000 * (i + 1))
+        u, v = _unit(rng.normal(size=dim)), _unit(rng.normal(size=dim))
+        directions: dict[str, np.ndarray] = {}
+
+        def direction(key: str, rng: np.random.Generator = rng, directions: dict = directions) -> np.ndarray:
+            if key not in directions:
+                directions[key] = _unit(rng.normal(size=dim))
+            return directions[key]
+
+        r = _noise(rng, len(meta), dim, 0.3)
+        for attr in COARSE:
+            r += attribute_signal * np.stack([direction(f"{attr}={a}") for a in meta[attr]])
+        r += attribute_signal * np.stack([direction(f"dataset={d}") for d in meta["dataset"]])
+        r += signal * np.stack([direction(f"label={c}") for c in meta["label_name"]])
+        r -= np.outer(r @ u, u)
+        r *= residual / np.sqrt((r**2).sum(axis=1).mean())
+        x = _unit(u + r).astype(np.float32)
+
+        def text_vec(key: str, rng: np.random.Generator = rng, v: np.ndarray = v) -> np.ndarray:
+            aligned = alignment * direction(key) + (1 - alignment) * _unit(rng.normal(size=dim))
+            return _unit(v + 0.5 * _unit(aligned))
+
+        texts: dict[str, np.ndarray] = {}
+        for task in derive_tasks(meta):
+            for cls, row in zip(task.classes, prompt_texts(task.classes, templates), strict=True):
+                key = f"label={cls}" if task.group == "fine" else f"{task.column}={cls}"
+                for t in row:
+                    texts.setdefault(t, text_vec(key))
+        captions = _captions(meta, labels_per_source, texts, text_vec)
+        write_run(
+            path,
+            x,
+            meta,
+            text_vectors=texts,
+            captions=captions,
+            templates=templates,
+            model=model,
+            dataset="multi",
+            chunk_rows=chunk_rows,
+        )
+    return Path(path)
+
+
+def _captions(
+    meta: pd.DataFrame, labels: Mapping[str, list[str]], texts: dict[str, np.ndarray], text_vec: Any
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """μ-Bench-style caption options: every value of an attribute (or the source's classes) per image."""
+    keys: dict[str, tuple[str, Sequence[str], list[str]]] = {}
+    for j, tmpl in enumerate(CAPTION_TEMPLATES):
+        suffix = "" if j == 0 else "_1"
+        for attr in COARSE:
+            keys[f"{attr}{suffix}"] = (tmpl, sorted(meta[attr].unique()), list(meta[attr]))
+        keys[f"classification_{j}"] = (tmpl, [], list(meta["label_name"]))
+    out = {}
+    for key, (tmpl, values, truth) in keys.items():
+        attr = key.removesuffix("_1") if not key.startswith("classification") else "label"
+        rows_options = []
+        for i in range(len(truth)):
+            opts = values or labels[meta["dataset"].iloc[i]]
+            rows_options.append([tmpl.format(o) for o in opts])
+        for sentence in unique_texts(rows_options):  # each option's vector points to its own value
+            texts.setdefault(sentence, text_vec(f"{attr}={_value_of(sentence, tmpl)}"))
+        index = {t: k for k, t in enumerate(texts)}
+        width = max(len(o) for o in rows_options)
+        options = np.full((len(truth), width), -1, dtype=np.int32)
+        answer = np.zeros(len(truth), dtype=np.int32)
+        for i, (opts, t) in enumerate(zip(rows_options, truth, strict=True)):
+            options[i, : len(opts)] = [index[o] for o in opts]
+            answer[i] = opts.index(tmpl.format(t))
+        out[key] = (options, answer)
+    return out
+
+
+def _value_of(sentence: str, template: str) -> str:
+    head, _, tail = template.partition("{}")
+    return sentence[len(head) : len(sentence) - len(tail)]
