@@ -92,11 +92,11 @@ def top_k(
     slack = 4.0 * np.sqrt(gallery.shape[1]) * np.finfo(np.float32).eps
     todo, kk = np.arange(len(queries)), min(n, k + margin)
     while len(todo):
+        found = np.asarray(search(queries[todo], kk), dtype=np.int64)  # one search call per round
         unsure = []
         block = max(1, (1 << 24) // (kk * max(gallery.shape[1], 1)))  # ~128 MB of float64 per step
         for start in range(0, len(todo), block):
-            part = todo[start : start + block]
-            cand = np.asarray(search(queries[part], kk), dtype=np.int64)
+            part, cand = todo[start : start + block], found[start : start + block]
             s = exact_pairs(queries[part], gallery[np.maximum(cand, 0)])
             s[cand < 0] = -np.inf
             order = rank_rows(s, np.where(cand < 0, np.iinfo(np.int64).max, cand))
