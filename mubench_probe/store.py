@@ -802,8 +802,12 @@ class EmbeddingStore:
             if not create:
                 raise StoreError(f"no store at {self.path} (run `probe extract --store {self.path}`)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-            self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
+            try:
+                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+            except zarr.errors.ContainsGroupError:  # another writer created the store at this moment
+                self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            if "mubench_probe_store" not in self.root.attrs:
+                self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
             return
         try:
             self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
