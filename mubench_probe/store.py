@@ -923,7 +923,10 @@ class EmbeddingStore:
             return
         except _DAMAGE:
             _delete_key(self.root, f"{rel}/zarr.json")
-        zarr.open_group(self.root.store, path=rel, mode="a", zarr_format=3)
+        try:
+            zarr.open_group(self.root.store, path=rel, mode="a", zarr_format=3)
+        except zarr.errors.ContainsGroupError:  # another writer created it at this moment
+            zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
 
     # ---- creating and reopening runs ----------------------------------------------------------
     def prepare_run(
