@@ -368,12 +368,11 @@ def info(
             out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
     if verify:
         _report_problems(summary["problems"], store)
-    damaged = [r for r in summary["runs"] if r["status"].startswith("damaged")]
+    damaged = [r for r in summary["runs"] if r["status"] == "damaged"]
+    for line in (line for r in damaged for line in r["problems"]):
+        err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
     if damaged:
-        raise StoreDamageError(
-            f"{len(damaged)} damaged run(s) in {store} ({damaged[0]['status']}); "
-            f"repair with `probe verify --repair {store}`"
-        )
+        raise StoreDamageError(f"{len(damaged)} damaged run(s) in {store}; repair with `probe verify --repair {store}`")
 
 
 def _report_problems(problems: list[str], store: Path) -> None:

@@ -97,6 +97,8 @@ def repair_hint(store: Path | str) -> str:
 
 def _why(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
+    if "checksum" in text.lower():  # the codec's message goes on with raw checksum bytes
+        return "checksum does not match"
     return f"{type(exc).__name__}: {text}"[:240]
 
 
@@ -1107,7 +1109,8 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
             "chunks_done": "?",
             "texts": 0,
             "failed_rows": None,
-            "status": f"damaged: {problems[0]}",
+            "status": "damaged",
+            "problems": [str(d) for d in problems],
             "complete": False,
             "size_bytes": node.size_bytes(),
             "provenance": p,
@@ -1119,8 +1122,7 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
         done = np.zeros(node.layout.n_chunks, dtype=bool)
     complete = node.texts_done and bool(done.all())
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        status = f"damaged: {problems[0]}{more}"
+        status = "damaged"
     elif complete:
         status = "complete"
     else:
@@ -1135,6 +1137,7 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
         "texts": int(node.group["texts"].shape[0]) if node.has_text and "texts" in node.group else 0,
         "failed_rows": None if problems else len(node.failures_unchecked()),
         "status": status,
+        "problems": [str(d) for d in problems],
         "complete": complete and not problems,
         "templates": node.prompts().get("templates", []),
         "size_bytes": node.size_bytes(),
