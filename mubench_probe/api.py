@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,19 +12,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .claims import DEFAULT_CLAIM_TIMEOUT
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend, load_encoder
 from .encoders.openclip import list_specs
-from .errors import StoreError, UsageError
+from .errors import DatasetUnavailableError, ModelUnavailableError, ProvenanceMismatchError, StoreError, UsageError
 from .evaluation import EvaluationResult, Unit, evaluate_store, mubench_table1, summary
-from .extraction import ExtractReport, ProgressFn, prepare, run_extraction
-from .imaging import get_policy
+from .extraction import ExtractReport, NotifyFn, ProgressFn, prepare, run_extraction
+from .imaging import DEFAULT_MAX_PIXELS, get_policy
 from .protocol import HEADS, EvalConfig
 from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
-from .tasks import read_templates
+from .tasks import DEFAULT_TEMPLATES, read_templates
 
 __all__ = [
+    "DEFAULT_CLAIM_TIMEOUT",
+    "DEFAULT_MAX_PIXELS",
     "DEFAULT_STORE",
     "HEADS",
     "MUBENCH_ID",
@@ -37,6 +41,7 @@ __all__ = [
     "mubench_table1",
     "open_dataset",
     "open_store",
+    "repair_store",
     "store_info",
     "summary",
     "verify_store",
@@ -65,10 +70,19 @@ def _extract_inputs(
     intensity: str,
     templates: str | Path | Sequence[str] | None,
 ):
-    """Everything extract and interpolate resolve the same way before loading a model."""
+    """Everything extract and interpolate resolve the same way before loading a model.
+
+    An existing store is opened now (a damaged one fails before the model loads); a new one is
+    created only once a model has loaded (`_created`), so a failed load leaves nothing behind.
+    """
     ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
-    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
-    return ds, st, get_policy(intensity), _templates(templates)
+    if not isinstance(store, EmbeddingStore) and (Path(store) / "zarr.json").exists():
+        store = EmbeddingStore(store)
+    return ds, store, get_policy(intensity), _templates(templates)
+
+
+def _created(store: str | Path | EmbeddingStore) -> EmbeddingStore:
+    return store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
 
 
 def _extract_with(
@@ -85,7 +99,12 @@ def _extract_with(
     batch_size: int,
     num_workers: int,
     progress: ProgressFn | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    notify: NotifyFn | None = None,
 ) -> ExtractReport:
+    if claim_timeout <= 0:
+        raise UsageError("--claim-timeout must be positive")
     run = prepare(
         st,
         encoder,
@@ -96,9 +115,19 @@ def _extract_with(
         features=features,
         templates=templates,
         overwrite=overwrite,
+        max_pixels=max_pixels,
     )
     return run_extraction(
-        run, encoder, ds, policy=policy, batch_size=batch_size, num_workers=num_workers, progress=progress
+        run,
+        encoder,
+        ds,
+        policy=policy,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        max_pixels=max_pixels,
+        claim_timeout=claim_timeout,
+        notify=notify,
     )
 
 
@@ -118,14 +147,21 @@ def extract(
     templates: str | Path | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    notify: NotifyFn | None = None,
 ) -> ExtractReport:
-    """Embed `dataset` with `model` into the store; resumes a matching, unfinished group."""
+    """Embed `dataset` with `model` into the store; resumes (and repairs) a matching group.
+
+    Several processes may run this on the same store and model at once: they split the chunks.
+    `notify` receives one-line notices (e.g. waiting for chunks another writer holds).
+    """
     ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
     encoder = load_encoder(model, device=device, precision=precision)
     return _extract_with(
         encoder,
         ds,
-        st,
+        _created(st),
         policy,
         tmpl,
         chunk_rows=chunk_rows,
@@ -135,21 +171,129 @@ def extract(
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
+        max_pixels=max_pixels,
+        claim_timeout=claim_timeout,
+        notify=notify,
     )
 
 
 def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
-    """One line per damaged chunk in the whole store (empty list = intact)."""
-    return [p for run in EmbeddingStore(path).runs() for p in run.verify()]
+    """One line per problem in the whole store: damaged or missing chunks, damaged zarr.json,
+    edited provenance or texts, half-created runs (empty list = intact). Reads every chunk."""
+    return [str(d) for d in EmbeddingStore(path).check(deep=True)]
 
 
 def store_info(path: str | Path = DEFAULT_STORE, verify: bool = False) -> dict[str, Any]:
     st = EmbeddingStore(path)
-    runs = st.runs()
-    info: dict[str, Any] = {"store": str(st.path), "size_bytes": st.size_bytes(), "runs": [describe(r) for r in runs]}
+    info: dict[str, Any] = {
+        "store": str(st.path),
+        "size_bytes": st.size_bytes(),
+        "runs": [describe(r) for r in st.scan()],
+    }
     if verify:
-        info["problems"] = [p for r in runs for p in r.verify()]
+        info["problems"] = [str(d) for d in st.check(deep=True)]
     return info
+
+
+@dataclass
+class RepairReport:
+    repaired: list[str] = field(default_factory=list)  # one line per problem fixed
+    remaining: list[str] = field(default_factory=list)  # problems still there after the repair
+    commands: list[str] = field(default_factory=list)  # what to run where this machine could not repair
+    reports: list[ExtractReport] = field(default_factory=list)
+
+
+def extract_command(store: str | Path, record: dict[str, Any]) -> str:
+    """The `probe extract` command that recreates or repairs a run, from its provenance."""
+    p = record["provenance"]
+    q = shlex.quote
+    cmd = [
+        "probe extract",
+        f"--store {q(str(store))}",
+        f"--model {q(str(p.get('model_spec')))}",
+        f"--dataset {q(str(p.get('dataset_spec')))}",
+        f"--split {q(str(p.get('split')))}",
+    ]
+    if p.get("dataset_revision") and p.get("dataset_format") == "hub":
+        cmd.append(f"--revision {q(str(p['dataset_revision']))}")
+    if p.get("dataset_limit"):
+        cmd.append(f"--limit {p['dataset_limit']}")
+    cmd.append(f"--intensity {str(p.get('intensity_policy', 'percentile')).split(':')[0]}")
+    cmd += [f"--dtype {p.get('dtype')}", f"--chunk-rows {p.get('chunk_rows')}"]
+    if p.get("features"):
+        cmd.append("--features")
+    if p.get("max_pixels", DEFAULT_MAX_PIXELS) != DEFAULT_MAX_PIXELS:
+        cmd.append(f"--max-pixels {p['max_pixels']}")
+    templates = (record.get("prompts") or {}).get("templates")
+    if templates and tuple(templates) != DEFAULT_TEMPLATES:
+        cmd.append(f"--templates FILE  (FILE: the run's {len(templates)} templates, one per line: {templates!r})")
+    return " ".join(cmd)
+
+
+def repair_store(
+    path: str | Path = DEFAULT_STORE,
+    *,
+    device: str | None = None,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: Callable[[str], ProgressFn | None] | None = None,
+    notify: NotifyFn | None = None,
+) -> RepairReport:
+    """Repair every damaged run from its own provenance (`probe verify --repair`).
+
+    Half-created runs are removed and damaged intermediate zarr.json files rewritten without a
+    model. Each damaged run's model and dataset are reloaded from its provenance and the same
+    extraction a rerun of `probe extract` would do fixes it: damaged or missing chunks get their
+    done flag cleared and are recomputed, texts re-encoded, metadata rewritten. Where the model
+    or dataset cannot be reloaded here, `commands` says which `probe extract` to run.
+    """
+    st = EmbeddingStore(path, repair=True)
+    report = RepairReport(repaired=st.repaired + st.cleanup())
+    damaged = {"/".join(d.node.split("/")[:3]) for d in st.check(deep=True)}
+    for node in st.scan():
+        if node.path not in damaged:
+            continue
+        record = node.record()
+        if record is None:
+            report.commands.append(
+                f"{st.path}/{node.path}: its provenance is damaged and so is its copy in done/zarr.json, so "
+                f"nothing says how it was made: delete {st.path / node.path} and extract it again"
+            )
+            continue
+        p = record["provenance"]
+        cmd = extract_command(st.path, record)
+        try:
+            limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
+            ds = open_dataset(p.get("dataset_spec") or "sample", p.get("split"), p.get("dataset_revision"), limit)
+            encoder = load_encoder(p["model_spec"], device=device, precision=precision)
+        except (ModelUnavailableError, DatasetUnavailableError) as exc:
+            report.commands.append(f"{node.path}: cannot reload its model or dataset here ({exc}); run: {cmd}")
+            continue
+        try:
+            done = _extract_with(
+                encoder,
+                ds,
+                st,
+                get_policy(str(p.get("intensity_policy", "percentile")).split(":")[0]),
+                tuple((record.get("prompts") or {}).get("templates") or DEFAULT_TEMPLATES),
+                chunk_rows=int(p["chunk_rows"]),
+                dtype=str(p["dtype"]),
+                features=bool(p.get("features")),
+                overwrite=False,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=progress(p["model_spec"]) if progress else None,
+                max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                notify=notify,
+            )
+        except ProvenanceMismatchError as exc:
+            report.commands.append(f"{node.path}: the model or dataset reloaded here differs from the run's: {exc}")
+            continue
+        report.reports.append(done)
+        report.repaired += done.repaired
+    report.remaining = [str(d) for d in st.check(deep=True)]
+    return report
 
 
 def list_backends() -> list[Backend]:
@@ -353,6 +497,7 @@ def interpolate(
         raise UsageError("give at least one alpha")
     ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
     interp = Interpolator(base, finetuned, device_for(device, precision), precision, preprocess)
+    st = _created(st)
     reports = []
     for alpha in alphas:
         encoder = interp.encoder(float(alpha))

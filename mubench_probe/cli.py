@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .errors import ProbeError, UsageError
+from .errors import ProbeError, StoreDamageError, UsageError
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -108,8 +108,16 @@ def extract(
     intensity: Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")] = "percentile",
     templates: Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Discard a group extracted differently.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option(help="Larger images (width x height) are failed rows, checked before decoding.", min=1)
+    ] = api.DEFAULT_MAX_PIXELS,
+    claim_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds without heartbeat after which another host's chunk claim is taken over.", min=1),
+    ] = api.DEFAULT_CLAIM_TIMEOUT,
 ) -> None:
-    """Embed a dataset with one or more models into the store (resumable)."""
+    """Embed a dataset with one or more models into the store (resumable, repairs damage, and
+    several processes on one store split the work)."""
     models = model or list(api.MUBENCH_MODELS)
     ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit)
     err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}")
@@ -131,16 +139,23 @@ def extract(
                 templates=templates,
                 overwrite=overwrite,
                 progress=lambda n, t=task: bar.advance(t, n),
+                max_pixels=max_pixels,
+                claim_timeout=claim_timeout,
+                notify=lambda line: err.print(f"note: {line}", highlight=False, soft_wrap=True),
             )
+        for line in report.repaired:
+            err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
         msg = (
             f"{spec}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
             f"{report.texts_encoded} texts encoded"
         )
+        if report.chunks_by_others:
+            msg += f", {report.chunks_by_others} written by another writer"
         if report.rows:
             msg += f", {report.images_per_second:.1f} img/s"
         out.print(msg, highlight=False)
         for row, reason in sorted(report.failures.items())[:10]:
-            err.print(f"  skipped row {row}: {reason}", highlight=False)
+            err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
         if len(report.failures) > 10:
             err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
 
@@ -400,14 +415,14 @@ def info(
             table.add_column(col, overflow="fold")
         for r in summary["runs"]:
             table.add_row(
-                r["model"],
-                r["dataset"],
+                str(r["model"] or r["group"]),
+                str(r["dataset"]),
                 r["split"],
                 str(r["rows"]),
                 r["chunks_done"],
                 str(r["texts"]),
                 str(r["failed_rows"]),
-                "complete" if r["complete"] else str(r["status"]),
+                r["status"],
                 f"{r['size_bytes'] / 1e6:.2f}",
             )
         out.print(table)
@@ -424,15 +439,28 @@ def info(
             out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
     if verify:
         _report_problems(summary["problems"], store)
+    damaged = [r for r in summary["runs"] if r["status"] == "damaged"]
+    for line in (line for r in damaged for line in r["problems"]):
+        err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+    if damaged:
+        raise StoreDamageError(f"{len(damaged)} damaged run(s) in {store}; repair with `probe verify --repair {store}`")
 
 
 def _report_problems(problems: list[str], store: Path) -> None:
-    """One line per damaged chunk, then a non-zero exit; silence means every checksum matched."""
+    """One line per problem, then a non-zero exit naming the repair command."""
     for line in problems:
-        err.print(f"[red]corrupt:[/] {line}", highlight=False)
+        err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
     if problems:
-        raise ProbeError(f"{len(problems)} damaged chunk(s) in {store}; re-extract with --overwrite")
-    err.print("verify: every chunk matches its checksum")
+        raise StoreDamageError(
+            f"{len(problems)} problem(s) in {store}; repair with `probe verify --repair {store}` "
+            "(reloads each damaged run's model and dataset from its provenance)"
+        )
+    err.print(
+        "verify: intact (every chunk present, every chunk matches its checksum, provenance and texts "
+        "match their digests)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -540,9 +568,43 @@ def compare(
 
 @app.command()
 @friendly
-def verify(store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE) -> None:
-    """Check every chunk's checksum (same as `probe info --verify`, without the table)."""
-    _report_problems(api.verify_store(store), store)
+def verify(
+    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    repair: Annotated[
+        bool, typer.Option(help="Repair what is damaged: reloads each damaged run's model and dataset.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Device for re-extracting damaged chunks.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader workers for re-extraction.", min=0)] = 2,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass when re-extracting.", min=1)] = 64,
+) -> None:
+    """Check every chunk (present, checksum) and every digest; `--repair` fixes what it finds."""
+    if not repair:
+        _report_problems(api.verify_store(store), store)
+        return
+    bars = _progress()
+    with bars:
+
+        def bar_for(spec: str):
+            t = bars.add_task(f"repair {spec}", total=None)
+            return lambda n: bars.advance(t, n)
+
+        res = api.repair_store(
+            store,
+            device=device,
+            num_workers=workers,
+            batch_size=batch_size,
+            progress=bar_for,
+            notify=lambda line: err.print(f"note: {line}", highlight=False, soft_wrap=True),
+        )
+    for line in res.repaired:
+        err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
+    for line in res.commands:
+        err.print(f"[red]not repaired:[/] {line}", highlight=False, soft_wrap=True)
+    if res.remaining or res.commands:
+        for line in res.remaining:
+            err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+        raise StoreDamageError(f"{len(res.remaining)} problem(s) remain in {store} (see above)")
+    out.print(f"verify --repair: {len(res.repaired)} problem(s) repaired; {store} is intact", highlight=False)
 
 
 @app.command()

@@ -35,8 +35,12 @@ class ProvenanceMismatchError(StoreError):
     """Extracting into a group built from other weights, preprocessing or data."""
 
 
-class CorruptChunkError(StoreError):
-    """A chunk whose checksum does not match: data were damaged on disk."""
+class StoreDamageError(StoreError):
+    """Store content that fails an integrity check: damaged metadata, forged provenance, half-created run."""
+
+
+class CorruptChunkError(StoreDamageError):
+    """A chunk that is missing although flagged done, or whose checksum does not match."""
 
 
 class NotApplicableError(ProbeError):

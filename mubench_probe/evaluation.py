@@ -104,12 +104,18 @@ def plan_units(
     tasks: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
 ) -> list[Unit]:
-    """Every (model, unit) to evaluate, with the arrays each needs loaded lazily."""
-    runs = [r for r in store.runs() if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
-    if not runs:
-        have = ", ".join(sorted({r.model_spec for r in store.runs()})) or "none"
-        raise StoreError(f"no extracted model matches {list(models or [])} in {store.path} (have: {have})")
+    """Every (model, unit) to evaluate, with the arrays each needs loaded lazily.
+
+    A model or task pattern that matches nothing is an error listing what the store has.
+    """
+    all_runs = store.runs()
+    runs = [r for r in all_runs if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
+    unknown = [m for m in models or [] if not any(m in (r.model_spec, r.path.split("/")[0]) for r in all_runs)]
+    if not runs or unknown:
+        have = ", ".join(sorted({r.model_spec for r in all_runs})) or "none"
+        raise StoreError(f"no extracted model matches {unknown or list(models or [])} in {store.path} (have: {have})")
     units = []
+    available: set[str] = set()
     for run in runs:
         if not run.complete:
             raise StoreError(
@@ -119,11 +125,17 @@ def plan_units(
         arrays = RunArrays(run)
         check_protocol(arrays.meta, cfg)
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
+        if run.has_text and run.caption_keys():
+            available.add("mubench")
         if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
             units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, []), arrays=arrays))
         for task in derive_tasks(arrays.meta):
+            available.add(task.name)
             if _wanted(task.name, tasks):
                 units.append(Unit(run, "task", task.name, _unit_key(run, task.name, cfg, tmpl), (task, tmpl), arrays))
+    unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
+    if unmatched:
+        raise UsageError(f"no task matches {unmatched}; tasks in {store.path}: {', '.join(sorted(available))}")
     return units
 
 

@@ -4,6 +4,11 @@ Decoding, the intensity policy and preprocessing run in DataLoader worker proces
 runs in the main process; finished chunks are written by a background thread, so decode,
 forward and write overlap. Batches never straddle a chunk, so a resumed run computes exactly
 the batches an uninterrupted run would have, and its bytes are identical.
+
+Several writers may extract the same run at once (processes on one machine, or machines sharing
+the store): each claims a chunk right before its first batch is dispatched and skips chunks
+claimed by a live writer, so every chunk is computed once; at the end it waits for the chunks
+other writers hold, taking over those whose writer died (see `claims.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import importlib.metadata as md
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,14 +27,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, ChunkClaims, ClaimInfo
 from .datasets import LoadedDataset, slug
 from .encoders import Encoder
 from .errors import ImageDecodeError, UsageError
-from .imaging import IntensityPolicy, load_rgb
+from .imaging import DEFAULT_MAX_PIXELS, IntensityPolicy, load_rgb
 from .store import EmbeddingStore, Run, RunLayout
 from .tasks import DEFAULT_TEMPLATES, derive_tasks, prompt_texts, unique_texts
 
 ProgressFn = Callable[[int], None]
+NotifyFn = Callable[[str], None]
+WAIT_POLL_S = 0.25  # how often a writer looks again at chunks other writers hold
 PACKAGES = ("mubench-probe", "torch", "open_clip_torch", "timm", "zarr", "numpy", "datasets", "pillow")
 
 
@@ -52,15 +60,17 @@ class ImageRows(Dataset):
         transform: Callable[[Any], torch.Tensor],
         policy: IntensityPolicy,
         shape: tuple[int, ...],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.reader, self.transform, self.policy, self.shape = ds.reader, transform, policy, shape
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         try:
-            img = load_rgb(self.reader.read(i), self.policy)
+            img = load_rgb(self.reader.read(i), self.policy, self.max_pixels)
             return i, self.transform(img), ""
         except (ImageDecodeError, OSError, ValueError) as exc:
             return i, torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"
@@ -95,6 +105,29 @@ def input_shape(encoder: Encoder) -> tuple[int, ...]:
     return tuple(encoder.transform(Image.new("RGB", (32, 32))).shape)
 
 
+class ClaimingBatches:
+    """A batch sampler that claims each chunk right before dispatching its first batch.
+
+    The DataLoader pulls batches from it a few ahead of the model, so a chunk is claimed only
+    when its decoding starts; chunks a live writer holds (or that are done by now) are skipped.
+    """
+
+    def __init__(self, run: Run, claims: ChunkClaims, chunks: Sequence[int], batch_size: int) -> None:
+        self.run, self.claims, self.chunks, self.batch_size = run, claims, list(chunks), batch_size
+        self.claimed: list[int] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        layout = self.run.layout
+        for ci in self.chunks:
+            if not self.claims.try_claim(ci):
+                continue
+            if self.run.chunk_done(ci):  # another writer finished it since we listed the missing chunks
+                self.claims.release(ci)
+                continue
+            self.claimed.append(ci)
+            yield from chunk_batches(layout, [ci], self.batch_size)
+
+
 @dataclass
 class ExtractReport:
     run_path: str
@@ -106,6 +139,8 @@ class ExtractReport:
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     image_seconds: float = 0.0
+    chunks_by_others: int = 0  # written by concurrent writers while this one ran
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -150,12 +185,19 @@ def prepare(
     features: bool = False,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Run:
-    """Create or reopen the run group for (encoder, dataset) with full provenance."""
+    """Create or reopen (and repair) the run group for (encoder, dataset) with full provenance.
+
+    `max_pixels` is provenance and identity: it does not change any image under the limit, but
+    rows over it are failed rows, so runs made with different limits must not be mixed.
+    """
     if chunk_rows < 1:
         raise UsageError("--chunk-rows must be at least 1")
     if dtype not in ("float16", "float32"):
         raise UsageError("--dtype must be float16 or float32")
+    if max_pixels < 1:
+        raise UsageError("--max-pixels must be at least 1")
     info = encoder.info
     texts, plan = plan_texts(ds, templates) if encoder.has_text else ([], {})
     index = {t: i for i, t in enumerate(texts)}
@@ -169,12 +211,14 @@ def prepare(
         "context_length": info.context_length,
         "has_text": info.has_text,
         "intensity_policy": policy.describe(),
+        "max_pixels": int(max_pixels),
         "dataset_spec": ds.spec,
         "dataset_format": ds.identity.get("format"),
         "dataset_id": ds.identity.get("id"),
         "dataset_revision": ds.identity.get("revision"),
         "dataset_fingerprint": ds.identity.get("fingerprint"),
         "dataset_limit": ds.identity.get("limit"),
+        "dataset_manifest_sha256": ds.identity.get("manifest_sha256"),
         "split": ds.split,
         "versions": package_versions(),
     }
@@ -229,24 +273,28 @@ def _fill(
     encoder: Encoder,
     ds: LoadedDataset,
     policy: IntensityPolicy,
-    missing: list[int],
+    chunks: list[int],
     batch_size: int,
     num_workers: int,
     progress: ProgressFn | None,
     while_workers_start: Callable[[], None],
-) -> tuple[int, float]:
+    claims: ChunkClaims,
+    max_pixels: int,
+) -> tuple[int, list[int], float]:
     """The hot loop: decode in workers, forward here, write whole chunks in a thread.
 
-    `while_workers_start` (the text encoding) runs after the workers have begun decoding, so
-    their start-up and first batches overlap with it. Returns rows done and image-phase seconds.
+    Chunks are claimed lazily by the batch sampler; a chunk is written only while its claim is
+    still ours, then its claim is released. `while_workers_start` (the text encoding) runs after
+    the workers have begun decoding, so their start-up overlaps with it. Returns rows done,
+    chunks written and image-phase seconds.
     """
     layout = run.layout
     features = layout.feature_dim is not None
-    dataset = ImageRows(ds, encoder.transform, policy, input_shape(encoder))
-    batches = chunk_batches(layout, missing, batch_size)
+    dataset = ImageRows(ds, encoder.transform, policy, input_shape(encoder), max_pixels)
+    sampler = ClaimingBatches(run, claims, chunks, batch_size)
     loader = DataLoader(
         dataset,
-        batch_sampler=batches,
+        batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=_collate,
         worker_init_fn=_lower_priority,
@@ -254,19 +302,29 @@ def _fill(
         prefetch_factor=4 if num_workers > 0 else None,
     )
     rows_done = 0
+    written: list[int] = []
     pending: list[Future] = []
     emb_buf: list[np.ndarray] = []
     feat_buf: list[np.ndarray] = []
     fail_buf: list[str] = []
-    chunks = iter(missing)
-    current = next(chunks)
-    threads = cpu_threads_for(encoder, dataset, batches[0][:4], num_workers)
+
+    def write(ci: int, emb: np.ndarray, reasons: list[str], feat: np.ndarray | None) -> None:
+        if not claims.owns(ci):  # our claim was taken over (we looked dead): the new owner writes it
+            return
+        run.write_chunk(ci, emb, reasons, feat)
+        claims.record_written(ci)
+        written.append(ci)
+        claims.release(ci)
+
+    first = layout.chunk_slice(chunks[0])
+    threads = cpu_threads_for(encoder, dataset, list(range(first.start, first.stop))[:4], num_workers)
     with ThreadPoolExecutor(max_workers=1) as writer, threads:
         t_start = time.perf_counter()
         batches_iter = iter(loader)
         while_workers_start()
         side = time.perf_counter() - t_start
         for rows, x, reasons in batches_iter:
+            ci = rows[0] // layout.chunk_rows
             emb, feat = encoder.encode_images(x, features)
             bad = [i for i, r in enumerate(reasons) if r]
             emb[bad] = 0.0
@@ -278,24 +336,30 @@ def _fill(
             rows_done += len(rows)
             if progress:
                 progress(len(rows))
-            if rows[-1] == layout.chunk_slice(current).stop - 1:
-                pending.append(
-                    writer.submit(
-                        run.write_chunk,
-                        current,
-                        np.concatenate(emb_buf),
-                        fail_buf,
-                        np.concatenate(feat_buf) if feat_buf else None,
-                    )
-                )
+            if rows[-1] == layout.chunk_slice(ci).stop - 1:
+                chunk_feat = np.concatenate(feat_buf) if feat_buf else None
+                pending.append(writer.submit(write, ci, np.concatenate(emb_buf), fail_buf, chunk_feat))
                 emb_buf, feat_buf, fail_buf = [], [], []
-                current = next(chunks, -1)
                 for f in [f for f in pending if f.done()]:
                     f.result()  # surface a write error now, not at the end
                     pending.remove(f)
     for f in pending:
         f.result()
-    return rows_done, time.perf_counter() - t_start - side
+    return rows_done, written, time.perf_counter() - t_start - side
+
+
+def _waiting_message(held: dict[Any, ClaimInfo], timeout: float) -> str:
+    """One line naming the chunks other live writers hold, grouped by writer."""
+    owners: dict[tuple[str, int], tuple[ClaimInfo, list[str]]] = {}
+    for key, info in sorted(held.items(), key=lambda kv: str(kv[0])):
+        owners.setdefault((info.host, info.pid), (info, []))[1].append(str(key))
+    parts = []
+    for info, keys in owners.values():
+        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts.append(f"chunk(s) {shown} held by live writer {info.describe()}")
+    remote = any(host != HOST for host, _ in owners)
+    note = f"; a writer on another host silent for {timeout:.0f} s is taken over (--claim-timeout)" if remote else ""
+    return "waiting for other writers: " + "; ".join(parts) + note
 
 
 def run_extraction(
@@ -308,47 +372,81 @@ def run_extraction(
     num_workers: int = 2,
     text_batch_size: int = 256,
     progress: ProgressFn | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    claims: ChunkClaims | None = None,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    notify: NotifyFn | None = None,
 ) -> ExtractReport:
-    """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point."""
+    """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point,
+    and safe to run in several processes at once: they split the chunks through claims."""
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if claim_timeout <= 0:
+        raise UsageError("--claim-timeout must be positive")
     t0 = time.perf_counter()
     layout = run.layout
+    claims = claims or run.claims(claim_timeout)
     texts_encoded = 0
-    run.set_attrs(status="running")
 
     def encode_texts() -> None:
         nonlocal texts_encoded
-        if encoder.has_text and not run.texts_done:
-            texts = run.texts()
-            run.write_text_embeddings(encoder.encode_texts(texts, text_batch_size))
-            texts_encoded = len(texts)
+        if not encoder.has_text or run.texts_done or not claims.try_claim("texts"):
+            return
+        try:
+            run.reload()
+            if not run.texts_done:
+                texts = run.texts_unchecked()
+                emb = encoder.encode_texts(texts, text_batch_size)
+                if claims.owns("texts"):
+                    run.write_text_embeddings(emb)
+                    claims.record_written("texts")
+                    texts_encoded = len(texts)
+        finally:
+            claims.release("texts")
 
     missing = run.missing_chunks()
     skipped = layout.n_chunks - len(missing)
+    reported = layout.n_rows - sum(_rows(layout, c) for c in missing)
     if progress:
-        progress(layout.n_rows - sum(_rows(layout, c) for c in missing))
-    rows_done, image_seconds = 0, 0.0
-    try:
-        if missing:
-            rows_done, image_seconds = _fill(
-                run, encoder, ds, policy, missing, batch_size, num_workers, progress, encode_texts
-            )
-        else:
-            encode_texts()
-    except BaseException:
-        run.set_attrs(status="interrupted")
-        raise
-    failures = run.failures()
-    run.set_attrs(status="complete" if run.complete else "incomplete")
+        progress(reported)
+    rows_done, image_seconds, written = 0, 0.0, []
+    said: set[frozenset] = set()
+    with claims:
+        todo = missing
+        while True:
+            if todo:
+                n, w, secs = _fill(
+                    run, encoder, ds, policy, todo, batch_size, num_workers, progress, encode_texts, claims, max_pixels
+                )
+                rows_done, image_seconds, written = rows_done + n, image_seconds + secs, written + w
+            else:
+                encode_texts()
+            run.reload()
+            remaining = run.missing_chunks()
+            texts_pending = encoder.has_text and not run.texts_done
+            if not remaining and not texts_pending:
+                break
+            held = {k: c for k, c in claims.owners().items() if c.live}
+            todo = [c for c in remaining if c not in held]
+            if todo or (texts_pending and "texts" not in held):
+                continue
+            seen = frozenset((k, c.host, c.pid) for k, c in held.items())
+            if notify and seen not in said:
+                said.add(seen)
+                notify(_waiting_message(held, claims.timeout))
+            time.sleep(WAIT_POLL_S)
+    if progress:
+        progress(layout.n_rows - reported - rows_done)  # rows other writers extracted meanwhile
     return ExtractReport(
         run.path,
         encoder.info.spec,
         rows_done,
-        len(missing),
+        len(written),
         skipped,
         texts_encoded,
-        failures,
+        run.failures_unchecked(),
         time.perf_counter() - t0,
         image_seconds,
+        chunks_by_others=layout.n_chunks - skipped - len(written),
+        repaired=list(run.repairs),
     )

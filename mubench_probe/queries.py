@@ -102,6 +102,8 @@ def search_store(
         raise UsageError("give exactly one of --text, --image or --row")
     if to not in ("image", "text"):
         raise UsageError("--to must be image or text")
+    if text is not None and not text.strip():
+        raise UsageError("--text is empty: give a text to search for")
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     run = pick_run(st, model, dataset)
     arrays = RunArrays(run)  # each array is read from the store at most once
@@ -113,6 +115,9 @@ def search_store(
     if row is not None:
         if not 0 <= row < run.layout.n_rows:
             raise UsageError(f"--row must be in 0..{run.layout.n_rows - 1}")
+        if not arrays.valid[row]:
+            reason = run.failures().get(row, "its chunk is not extracted yet")
+            raise UsageError(f"row {row} has no embedding: {reason}")
         q = arrays.x[row]
         query: dict[str, Any] = {"row": row}
     else:

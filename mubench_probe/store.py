@@ -9,13 +9,25 @@ Layout of a run group `MODEL/DATASET/SPLIT`:
   meta/<column>      label and metadata columns ("" / NaN for missing)
   captions/<key>/options (N, K) indices into texts (-1 = padding), captions/<key>/answer (N,)
   texts (T,), text_emb (T, D) every unique text the heads need (caption options, class prompts)
-Attributes hold the provenance; every chunk is zstd-compressed with a frame checksum and
-guarded by CRC32C, so damaged bytes raise on read instead of returning wrong numbers.
+
+Integrity. Every chunk is zstd-compressed with a frame checksum and guarded by CRC32C, and every
+written chunk has a file (empty chunks are written too), so a chunk flagged done must exist:
+its absence is detected from the store's listing, never read as Zarr's fill value. The group
+attributes hold the provenance with its sha256 digest and a digest of the text table and prompt
+plan; `done/zarr.json` keeps a copy of both, from which a damaged group `zarr.json` is rebuilt.
+A run is created under `.creating/` and renamed into place, so it appears complete or not at
+all. Claims of concurrent writers live in `.claims/` (see `claims.py`); neither is a Zarr node.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,11 +38,17 @@ import numpy as np
 import pandas as pd
 import zarr
 import zarr.codecs as zc
+import zarr.errors
+from zarr.core.sync import sync
 
-from .errors import ProvenanceMismatchError, StoreError
+from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, LocalChunkClaims, pid_alive
+from .errors import CorruptChunkError, ProvenanceMismatchError, StoreDamageError, StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_STORE = Path("stores") / "default.zarr"
+CREATING = ".creating"  # runs being built, renamed into place when complete
+CLAIMS = ".claims"  # per-chunk claims of concurrent writers
+ROW_ARRAYS = ("image_emb", "features", "failure")  # chunked like the rows; one chunk per done flag
 # Keys of the provenance that must agree before new rows join an existing group.
 IDENTITY_KEYS = (
     "model_spec",
@@ -38,6 +56,7 @@ IDENTITY_KEYS = (
     "weights_hash",
     "preprocess",
     "intensity_policy",
+    "max_pixels",
     "dataset_format",
     "dataset_id",
     "dataset_revision",
@@ -49,6 +68,10 @@ IDENTITY_KEYS = (
     "chunk_rows",
     "features",
 )
+_BUILDING: set[str] = set()  # .creating folders this process is building right now
+_WRITE = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
+# What zarr, its JSON metadata parser and its codecs raise on a damaged or missing file.
+_DAMAGE = (ValueError, LookupError, TypeError)
 
 
 def _compressors() -> list[Any]:
@@ -60,6 +83,23 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def digest(obj: Any) -> str:
+    """sha256 of canonical JSON: equal content gives an equal digest after any JSON round trip."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def repair_hint(store: Path | str) -> str:
+    return f"repair with `probe verify --repair {store}` (or rerun the same `probe extract`)"
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "checksum" in text.lower():  # the codec's message goes on with raw checksum bytes
+        return "checksum does not match"
+    return f"{type(exc).__name__}: {text}"[:240]
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,26 @@ class RunLayout:
         return slice(ci * self.chunk_rows, min((ci + 1) * self.chunk_rows, self.n_rows))
 
 
+@dataclass(frozen=True)
+class Damage:
+    """One integrity problem: where it is, what is wrong, and which repair fixes it.
+
+    `fix` is one of: provenance (group zarr.json / digest), backup (the copy in done/zarr.json),
+    array (an array's zarr.json), chunk (a row chunk or done flag: re-extract it), row_index,
+    meta, texts (rewritten from the dataset, text embeddings re-encoded), parent (an intermediate
+    group's zarr.json), creating (a half-created run).
+    """
+
+    node: str
+    what: str
+    fix: str
+    array: str | None = None
+    chunk: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.node} {self.what}"
+
+
 _STR = np.dtypes.StringDType()
 
 
@@ -88,8 +148,64 @@ def _str_array(values: Sequence[Any]) -> np.ndarray:
     return np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values], dtype=_STR)
 
 
-def _read_str(arr: zarr.Array) -> np.ndarray:
-    return np.array(arr[:].tolist(), dtype=object)
+def _to_str(values: np.ndarray) -> np.ndarray:
+    return np.array(values.tolist(), dtype=object)
+
+
+async def _alist(store: Any, prefix: str) -> list[str]:
+    return [k async for k in store.list_prefix(prefix)]
+
+
+def _stored_keys(arr: zarr.Array) -> set[str]:
+    """Chunk keys that exist in the store (its listing: a missing chunk is not read as fill value)."""
+    prefix = arr.store_path.path + "/"
+    return {k[len(prefix) :] for k in sync(_alist(arr.store_path.store, prefix))}
+
+
+def _chunk_grid(arr: zarr.Array) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    grid = [-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    for idx in np.ndindex(*grid):
+        yield idx, tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks, strict=True))
+
+
+def _delete(group: zarr.Group, name: str) -> None:
+    """Remove a child node (array or group) even when its zarr.json is unreadable."""
+    sync((group.store_path / name).delete_dir())
+
+
+def _delete_key(group: zarr.Group, key: str) -> None:
+    sync((group.store_path / key).delete())
+
+
+def _group_attrs(
+    provenance: dict[str, Any], prompts: Mapping[str, Any], caption_keys: Sequence[str], texts_done: bool
+) -> dict[str, Any]:
+    """The run group's attributes, always in this order (so a rebuilt zarr.json is byte-identical)."""
+    return {
+        "provenance": provenance,
+        "provenance_sha256": digest(provenance),
+        "prompts": dict(prompts),
+        "caption_keys": list(caption_keys),
+        "texts_sha256": None,
+        "texts_done": texts_done,
+    }
+
+
+def texts_digest(texts: Sequence[str], prompts: Mapping[str, Any], caption_keys: Sequence[str]) -> str:
+    return digest({"texts": list(texts), "prompts": dict(prompts), "caption_keys": list(caption_keys)})
+
+
+def _record_ok(record: Any) -> bool:
+    return (
+        isinstance(record, Mapping)
+        and isinstance(record.get("provenance"), Mapping)
+        and record.get("provenance_sha256") == digest(record["provenance"])
+    )
+
+
+def _backup(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What done/zarr.json keeps of the group attributes (everything but the texts_done flag)."""
+    return {k: attrs.get(k) for k in ("provenance", "provenance_sha256", "prompts", "caption_keys", "texts_sha256")}
 
 
 class Run:
@@ -97,20 +213,41 @@ class Run:
 
     def __init__(self, group: zarr.Group, store_path: Path) -> None:
         self.group = group
-        self.store_path = store_path
+        self.store_path = Path(store_path)
+        self.repairs: list[str] = []  # what prepare_run repaired when it reopened this run
+        self._intact = False
 
     # ---- identity -------------------------------------------------------------------------
     @property
     def path(self) -> str:
         return self.group.path
 
+    def file(self, *parts: str) -> Path:
+        return self.store_path / self.path / Path(*parts)
+
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
     @property
+    def provenance_ok(self) -> bool:
+        return _record_ok(self.group.attrs.asdict())
+
+    @property
     def provenance(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("provenance", {}))
+        """The provenance, refused if it does not match its digest (someone edited zarr.json)."""
+        if not self.provenance_ok:
+            raise StoreDamageError(
+                f"{self.file('zarr.json')}: the run's provenance does not match its sha256 digest "
+                f"(edited or damaged); {repair_hint(self.store_path)}"
+            )
+        return dict(self.group.attrs["provenance"])
+
+    @property
+    def raw_provenance(self) -> dict[str, Any]:
+        """The provenance as stored, unchecked (for display of a damaged run)."""
+        p = self.group.attrs.get("provenance")
+        return dict(p) if isinstance(p, Mapping) else {}
 
     @property
     def model_spec(self) -> str:
@@ -125,12 +262,81 @@ class Run:
         p = self.provenance
         return RunLayout(p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"))
 
-    def set_attrs(self, **kw: Any) -> None:
-        self.group.attrs.update({**kw, "updated": _now()})
+    def record(self) -> dict[str, Any] | None:
+        """Provenance, prompt plan and texts digest if they pass the digest: from the group, else its copy."""
+        attrs = self.group.attrs.asdict()
+        if _record_ok(attrs):
+            return _backup(attrs)
+        return self.backup_record()
+
+    def backup_record(self) -> dict[str, Any] | None:
+        try:
+            copy = self.group["done"].attrs.get("backup")
+        except _DAMAGE:
+            return None
+        return dict(copy) if _record_ok(copy) else None
+
+    def reload(self) -> None:
+        """Re-read the group metadata (another writer may have changed its attributes)."""
+        self.group = zarr.open_group(self.group.store, path=self.path, mode="r+", zarr_format=3)
+
+    def _update_attrs(self, **kw: Any) -> None:
+        self.reload()
+        self.group.attrs.update(kw)
+
+    # ---- low-level reads ------------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]
+        except _DAMAGE as exc:
+            what = "is missing" if isinstance(exc, KeyError) else f"has an unreadable zarr.json ({_why(exc)})"
+            raise StoreDamageError(f"{self.file(name)} {what}; {repair_hint(self.store_path)}") from None
+
+    def _read(self, name: str, sel: Any = slice(None)) -> np.ndarray:
+        """Read an array; a damaged chunk is named in a CorruptChunkError, never a codec traceback."""
+        arr = self._array(name)
+        try:
+            return arr[sel]
+        except _DAMAGE as exc:
+            bad = self._damaged_chunks(arr, name)
+            if not bad:
+                raise StoreDamageError(
+                    f"{self.file(name)} cannot be read ({_why(exc)}); {repair_hint(self.store_path)}"
+                ) from None
+            raise CorruptChunkError(
+                f"{self.store_path}/{bad[0]}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + f"; {repair_hint(self.store_path)}"
+            ) from None
+
+    def _damaged_chunks(self, arr: zarr.Array, name: str, only: set[tuple[int, ...]] | None = None) -> list[Damage]:
+        out = []
+        present = _stored_keys(arr)
+        for idx, sel in _chunk_grid(arr):
+            key = arr.metadata.encode_chunk_key(idx)
+            if key not in present or (only is not None and idx not in only):
+                continue
+            try:
+                arr[sel]
+            except _DAMAGE as exc:
+                fix, chunk = _fix_for(name), (idx[0] if name in (*ROW_ARRAYS, "done") else None)
+                out.append(
+                    Damage(
+                        f"{self.path}/{name}",
+                        f"chunk {'.'.join(map(str, idx))} (file {name}/{key}) is damaged: {_why(exc)}",
+                        "chunk" if chunk is not None else fix,
+                        name,
+                        chunk,
+                    )
+                )
+        return out
 
     # ---- progress -------------------------------------------------------------------------
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(self._read("done"), dtype=bool)
+
+    def chunk_done(self, ci: int) -> bool:
+        return bool(self._read("done", slice(ci, ci + 1))[0])
 
     def missing_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_mask())]
@@ -141,7 +347,13 @@ class Run:
 
     @property
     def complete(self) -> bool:
+        """Every chunk and the texts extracted; a damaged run is refused here, not called incomplete."""
+        self.require_intact()
         return self.texts_done and not self.missing_chunks()
+
+    # ---- writes ---------------------------------------------------------------------------
+    def _writable(self, name: str) -> zarr.Array:
+        return self._array(name).with_config(_WRITE)
 
     def write_chunk(
         self, ci: int, emb: np.ndarray, failures: Sequence[str], features: np.ndarray | None = None
@@ -150,85 +362,391 @@ class Run:
         sl = self.layout.chunk_slice(ci)
         if emb.shape[0] != sl.stop - sl.start:
             raise StoreError(f"chunk {ci} expects {sl.stop - sl.start} rows, got {emb.shape[0]}")
-        self.group["image_emb"][sl] = emb.astype(self.layout.dtype)
+        self._writable("image_emb")[sl] = emb.astype(self.layout.dtype)
         if features is not None and "features" in self.group:
-            self.group["features"][sl] = features.astype(self.layout.dtype)
-        self.group["failure"][sl] = _str_array(list(failures))
-        self.group["done"][ci] = True
+            self._writable("features")[sl] = features.astype(self.layout.dtype)
+        self._writable("failure")[sl] = _str_array(list(failures))
+        self._writable("done")[ci] = True
+
+    def clear_done(self, ci: int) -> None:
+        """Mark a chunk for re-extraction (its data were found missing or damaged)."""
+        self._writable("done")[ci] = False
 
     def write_text_embeddings(self, emb: np.ndarray) -> None:
-        if emb.shape[0] != self.group["texts"].shape[0]:
+        if emb.shape[0] != self._array("texts").shape[0]:
             raise StoreError("text embeddings do not match the stored text table")
-        self.group["text_emb"][:] = emb.astype(self.layout.dtype)
-        self.set_attrs(texts_done=True)
+        self._writable("text_emb")[:] = emb.astype(self.layout.dtype)
+        self._update_attrs(texts_done=True)
 
-    # ---- reads ----------------------------------------------------------------------------
+    # ---- reads (checked: a damaged run is refused in one line) -----------------------------
+    def require_intact(self) -> None:
+        """Refuse a run with a missing or damaged chunk, array or digest (cheap: listing, not checksums)."""
+        if self._intact:
+            return
+        problems = self.check()
+        if problems:
+            first = problems[0]
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            cls = CorruptChunkError if first.fix == "chunk" else StoreDamageError
+            raise cls(f"{self.store_path}/{first}{more}; {repair_hint(self.store_path)}")
+        self._intact = True
+
     def image_embeddings(self, normalize: bool = True) -> np.ndarray:
-        x = np.asarray(self.group["image_emb"][:], dtype=np.float32)
+        self.require_intact()
+        x = np.asarray(self._read("image_emb"), dtype=np.float32)
         return l2_normalize(x) if normalize else x
 
     def features(self) -> np.ndarray | None:
-        return np.asarray(self.group["features"][:], np.float32) if "features" in self.group else None
+        self.require_intact()
+        return np.asarray(self._read("features"), np.float32) if "features" in self.group else None
 
     def failures(self) -> dict[int, str]:
-        f = _read_str(self.group["failure"])
+        self.require_intact()
+        return self.failures_unchecked()
+
+    def failures_unchecked(self) -> dict[int, str]:
+        """Failure reasons without the integrity check (the extraction report of a run being written)."""
+        f = _to_str(self._read("failure"))
         return {int(i): str(f[i]) for i in np.flatnonzero(f != "")}
 
     def valid_mask(self) -> np.ndarray:
         """Rows that were extracted and whose image was readable."""
-        ok = _read_str(self.group["failure"]) == ""
+        self.require_intact()
+        ok = _to_str(self._read("failure")) == ""
         done = np.repeat(self.done_mask(), self.layout.chunk_rows)[: self.layout.n_rows]
         return ok & done
 
     def texts(self) -> list[str]:
-        return [str(t) for t in _read_str(self.group["texts"])]
+        self.require_intact()
+        return self.texts_unchecked()
+
+    def texts_unchecked(self) -> list[str]:
+        return [str(t) for t in _to_str(self._read("texts"))]
 
     def text_embeddings(self, normalize: bool = True) -> np.ndarray:
         if not self.has_text:
             raise StoreError(f"{self.model_spec} is image-only: no text embeddings")
         if not self.texts_done:
             raise StoreError(f"{self.path}: text embeddings are not extracted yet")
-        x = np.asarray(self.group["text_emb"][:], dtype=np.float32)
+        self.require_intact()
+        x = np.asarray(self._read("text_emb"), dtype=np.float32)
         return l2_normalize(x) if normalize else x
 
     def meta(self) -> pd.DataFrame:
+        self.require_intact()
         g = self.group["meta"]
         cols: dict[str, Any] = {}
         for name in g.attrs.get("columns", []):
-            if g[name].dtype == _STR or str(g[name].dtype).startswith("Str"):
-                s = pd.Series(_read_str(g[name]), dtype=object)
+            values = self._read(f"meta/{name}")
+            if values.dtype == _STR or str(values.dtype).startswith("Str"):
+                s = pd.Series(_to_str(values), dtype=object)
                 cols[name] = s.where(s != "", None)
             else:
-                cols[name] = np.asarray(g[name][:])
+                cols[name] = np.asarray(values)
         return pd.DataFrame(cols)
 
     def caption_keys(self) -> list[str]:
-        return sorted(self.group["captions"].group_keys()) if "captions" in self.group else []
+        return sorted(self.group.attrs.get("caption_keys") or [])
 
     def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(options (N, K) text indices with -1 padding, answer (N,) with -1 for null entries)."""
-        g = self.group["captions"][key]
-        return np.asarray(g["options"][:]), np.asarray(g["answer"][:])
+        self.require_intact()
+        return np.asarray(self._read(f"captions/{key}/options")), np.asarray(self._read(f"captions/{key}/answer"))
 
     def prompts(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("prompts", {}))
 
     # ---- integrity ------------------------------------------------------------------------
-    def iter_arrays(self) -> Iterator[zarr.Array]:
-        return _walk_arrays(self.group)
+    def _expected(self) -> dict[str, tuple[tuple[int | None, ...], tuple[int, ...] | None]]:
+        """Every array the run must hold: name -> (shape, chunks); None = not fixed by the layout."""
+        lay = self.layout
+        n, d, cr = lay.n_rows, lay.embed_dim, lay.chunk_rows
+        out: dict[str, tuple[tuple[int | None, ...], tuple[int, ...] | None]] = {
+            "image_emb": ((n, d), (cr, d)),
+            "done": ((lay.n_chunks,), (1,)),
+            "failure": ((n,), (cr,)),
+            "row_index": ((n,), (max(n, 1),)),
+            "texts": ((None,), None),
+            "text_emb": ((None, d), None),
+        }
+        if lay.feature_dim is not None:
+            out["features"] = ((n, lay.feature_dim), (cr, lay.feature_dim))
+        for col in self.provenance.get("meta_columns", []):
+            out[f"meta/{col}"] = ((n,), (max(n, 1),))
+        for key in self.caption_keys():
+            out[f"captions/{key}/options"] = ((n, None), None)
+            out[f"captions/{key}/answer"] = ((n,), None)
+        return out
+
+    def check(self, deep: bool = False) -> list[Damage]:
+        """Every integrity problem of the run. Cheap by default (metadata, digests, the listing of
+        chunk files against the done flags); `deep` also reads every chunk to test its checksum."""
+        if not self.provenance_ok:
+            return [Damage(self.path, "zarr.json: provenance does not match its sha256 digest (edited?)", "provenance")]
+        out: list[Damage] = []
+        arrays: dict[str, zarr.Array] = {}
+        for name, (shape, chunks) in self._expected().items():
+            node = f"{self.path}/{name}"
+            try:
+                arr = self.group[name]
+            except _DAMAGE as exc:
+                missing = isinstance(exc, KeyError) and not self.file(name, "zarr.json").exists()
+                what = "is missing" if missing else f"zarr.json is unreadable ({_why(exc)})"
+                out.append(Damage(node, what, _fix_for(name), name))
+                continue
+            if any(w is not None and w != s for w, s in zip(shape, arr.shape, strict=False)) or (
+                len(shape) != arr.ndim or (chunks is not None and arr.chunks != chunks)
+            ):
+                what = f"zarr.json does not match the run's layout (shape {arr.shape}, chunks {arr.chunks})"
+                out.append(Damage(node, what, _fix_for(name), name))
+                continue
+            arrays[name] = arr
+        try:
+            if self.group["meta"].attrs.get("columns") != self.provenance.get("meta_columns"):
+                out.append(
+                    Damage(f"{self.path}/meta", "zarr.json: the column list differs from the provenance", "meta")
+                )
+        except _DAMAGE as exc:
+            out.append(Damage(f"{self.path}/meta", f"zarr.json is unreadable ({_why(exc)})", "meta"))
+        done = np.zeros(self.layout.n_chunks, dtype=bool)
+        if "done" in arrays:
+            done, bad = self._check_done(arrays["done"])
+            out += bad
+            if self.backup_record() != _backup(self.group.attrs.asdict()):
+                out.append(Damage(f"{self.path}/done", "zarr.json: the copy of the provenance differs", "backup"))
+        out += self._check_listing(arrays, done)
+        if "texts" in arrays and "text_emb" in arrays:
+            out += self._check_texts(arrays, deep)
+        if deep:
+            for name, arr in arrays.items():
+                if name == "done":
+                    continue  # read chunk by chunk above
+                only = {(int(ci), 0)[: arr.ndim] for ci in np.flatnonzero(done)} if name in ROW_ARRAYS else None
+                out += self._damaged_chunks(arr, name, only)
+        return out
+
+    def _check_done(self, arr: zarr.Array) -> tuple[np.ndarray, list[Damage]]:
+        """The done mask (unreadable flags count as not done) and one Damage per missing/damaged flag."""
+        out, present = [], _stored_keys(arr)
+        done = np.zeros(arr.shape[0], dtype=bool)
+        for (ci,), sel in _chunk_grid(arr):
+            key = arr.metadata.encode_chunk_key((ci,))
+            if key not in present:
+                out.append(Damage(f"{self.path}/done", f"chunk {ci} (file done/{key}) is missing", "chunk", "done", ci))
+                continue
+            try:
+                done[ci] = bool(arr[sel][0])
+            except _DAMAGE as exc:
+                what = f"chunk {ci} (file done/{key}) is damaged: {_why(exc)}"
+                out.append(Damage(f"{self.path}/done", what, "chunk", "done", ci))
+        return done, out
+
+    def _check_listing(self, arrays: Mapping[str, zarr.Array], done: np.ndarray) -> list[Damage]:
+        """Chunk files that must exist: those of done row chunks, and every chunk of the other arrays."""
+        out = []
+        texts_done = bool(self.group.attrs.get("texts_done"))
+        for name, arr in arrays.items():
+            if name == "done" or (name == "text_emb" and not texts_done):
+                continue
+            present = _stored_keys(arr)
+            for idx, _ in _chunk_grid(arr):
+                if name in ROW_ARRAYS and not done[idx[0]]:
+                    continue
+                key = arr.metadata.encode_chunk_key(idx)
+                if key in present:
+                    continue
+                row = name in ROW_ARRAYS
+                what = f"chunk {'.'.join(map(str, idx))} (file {name}/{key}) is missing"
+                what += " although its done flag is set" if row else ""
+                out.append(
+                    Damage(
+                        f"{self.path}/{name}", what, "chunk" if row else _fix_for(name), name, idx[0] if row else None
+                    )
+                )
+        return out
+
+    def _check_texts(self, arrays: Mapping[str, zarr.Array], deep: bool) -> list[Damage]:
+        texts, text_emb = arrays["texts"], arrays["text_emb"]
+        if text_emb.shape[0] != texts.shape[0]:
+            return [Damage(f"{self.path}/text_emb", "does not match the text table's length", "texts", "text_emb")]
+        try:
+            values = [str(t) for t in _to_str(texts[:])]
+        except _DAMAGE as exc:  # a deep check names the damaged chunk itself
+            return [] if deep else [Damage(f"{self.path}/texts", f"cannot be read ({_why(exc)})", "texts", "texts")]
+        want = self.group.attrs.get("texts_sha256")
+        if texts_digest(values, self.prompts(), self.caption_keys()) != want:
+            return [Damage(f"{self.path}/texts", "does not match the run's texts digest (edited or damaged)", "texts")]
+        return []
 
     def verify(self) -> list[str]:
-        """Read every chunk of every array; return one line per chunk that fails its checksum."""
-        problems = []
-        for arr in self.iter_arrays():
-            grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks, strict=True)]
-            for idx in np.ndindex(*[len(g) for g in grid]):
-                sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks, strict=True))
-                try:
-                    arr[sel]
-                except Exception as exc:  # a damaged chunk fails in the codec; report, keep going
-                    problems.append(f"{arr.path} chunk {'.'.join(map(str, idx))}: {exc}")
-        return problems
+        """Read every chunk of every array; one line per problem (missing, damaged, edited)."""
+        return [str(d) for d in self.check(deep=True)]
+
+    def size_bytes(self) -> int:
+        root = self.store_path / self.path
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+    def claims(self, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> LocalChunkClaims:
+        """The claims of concurrent writers on this run (files under `.claims/`, not a Zarr node)."""
+        return LocalChunkClaims(self.store_path / CLAIMS / self.path, timeout)
+
+    # ---- repair ---------------------------------------------------------------------------
+    def repair(
+        self,
+        layout: RunLayout,
+        meta: pd.DataFrame,
+        texts: Sequence[str],
+        captions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        prompts: Mapping[str, Any],
+    ) -> list[str]:
+        """Fix what can be fixed without the model; clear the done flag of every damaged or missing
+        row chunk (extraction recomputes them). Returns one line per problem repaired.
+
+        Texts are also rewritten when the requested text table or prompt plan differs (other
+        templates): finished image chunks are never touched by that.
+        """
+        problems = self.check(deep=True)
+        fixed = [str(d) for d in problems]
+        structural = [d for d in problems if d.fix in ("array", "backup")]
+        for d in structural:
+            if d.fix == "array" and d.array:
+                self._recreate(d.array, layout)
+        if any(d.fix == "backup" for d in structural) or any(d.array == "done" for d in structural):
+            self._writable("done").attrs["backup"] = _backup(self.group.attrs.asdict())
+        if structural:
+            problems = self.check(deep=True)
+            fixed += [str(d) for d in problems if str(d) not in fixed]
+        fixes = {d.fix for d in problems}
+        if "meta" in fixes:
+            _delete(self.group, "meta")
+            _write_meta(self.group, meta, layout)
+        if "row_index" in fixes:
+            _delete(self.group, "row_index")
+            _write_row_index(self.group, layout)
+        keys = sorted(captions)
+        want = texts_digest(texts, prompts, keys)
+        if "texts" in fixes or self.group.attrs.get("texts_sha256") != want:
+            _write_texts(self.group, texts, captions, layout)
+            self._update_attrs(prompts=dict(prompts), caption_keys=keys, texts_sha256=want, texts_done=False)
+            self._writable("done").attrs["backup"] = _backup(self.group.attrs.asdict())
+        for d in problems:
+            if d.fix == "chunk" and d.chunk is not None:
+                self.clear_done(d.chunk)
+        self._intact = False
+        return fixed
+
+    def _recreate(self, name: str, layout: RunLayout) -> None:
+        """Rewrite an array's zarr.json from the layout; its chunk files stay (and are checked after)."""
+        if name == "row_index" or name.startswith(("meta", "texts", "text_emb", "captions")):
+            return  # rewritten whole from the dataset instead
+        _delete_key(self.group, f"{name}/zarr.json")
+        _create_row_array(self.group, name, layout)
+
+
+def _fix_for(name: str) -> str:
+    if name in (*ROW_ARRAYS, "done"):
+        return "array"
+    if name == "row_index":
+        return "row_index"
+    if name.startswith("meta"):
+        return "meta"
+    return "texts"
+
+
+def _create_row_array(g: zarr.Group, name: str, layout: RunLayout) -> zarr.Array:
+    n, cr = layout.n_rows, layout.chunk_rows
+    kw: dict[str, Any] = {"compressors": _compressors(), "config": _WRITE}
+    if name == "image_emb":
+        return g.create_array(
+            name, shape=(n, layout.embed_dim), chunks=(cr, layout.embed_dim), dtype=layout.dtype, fill_value=0, **kw
+        )
+    if name == "features":
+        fd = layout.feature_dim or 0
+        return g.create_array(name, shape=(n, fd), chunks=(cr, fd), dtype=layout.dtype, fill_value=0, **kw)
+    if name == "done":
+        return g.create_array(name, shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False, **kw)
+    if name == "failure":
+        return g.create_array(name, shape=(n,), chunks=(cr,), dtype=_STR, fill_value="", **kw)
+    raise StoreError(f"unknown row array {name!r}")
+
+
+def _write_row_index(g: zarr.Group, layout: RunLayout) -> None:
+    n = layout.n_rows
+    g.create_array(
+        "row_index",
+        data=np.arange(n, dtype=np.int64),
+        chunks=(max(n, 1),),
+        compressors=_compressors(),
+        config=_WRITE,
+    )
+
+
+def _write_meta(g: zarr.Group, meta: pd.DataFrame, layout: RunLayout) -> None:
+    mg = g.require_group("meta")
+    for col in meta.columns:
+        values = meta[col].to_numpy()
+        data = values if values.dtype.kind in "biuf" else _str_array(list(values))
+        mg.create_array(str(col), data=data, chunks=(max(layout.n_rows, 1),), compressors=_compressors(), config=_WRITE)
+    mg.attrs["columns"] = [str(c) for c in meta.columns]
+
+
+def _write_texts(
+    g: zarr.Group, texts: Sequence[str], captions: Mapping[str, tuple[np.ndarray, np.ndarray]], layout: RunLayout
+) -> None:
+    comp = _compressors()
+    t = max(len(texts), 1)
+    for name in ("texts", "text_emb", "captions"):
+        _delete(g, name)
+    g.create_array("texts", data=_str_array(list(texts)), chunks=(t,), compressors=comp, config=_WRITE)
+    g.create_array(
+        "text_emb",
+        shape=(len(texts), layout.embed_dim),
+        chunks=(t, layout.embed_dim),
+        dtype=layout.dtype,
+        compressors=comp,
+        fill_value=0,
+        config=_WRITE,
+    )
+    cg = g.require_group("captions")
+    for key, (options, answer) in sorted(captions.items()):
+        kg = cg.require_group(key)
+        kg.create_array(
+            "options",
+            data=options.astype(np.int32),
+            chunks=(max(options.shape[0], 1), max(options.shape[1], 1)),
+            compressors=comp,
+            config=_WRITE,
+        )
+        kg.create_array(
+            "answer", data=answer.astype(np.int32), chunks=(max(answer.shape[0], 1),), compressors=comp, config=_WRITE
+        )
+
+
+@dataclass
+class BrokenRun:
+    """A run folder whose group zarr.json is missing or unreadable."""
+
+    path: str
+    store_path: Path
+    reason: str
+    store: Any = None
+
+    def check(self, deep: bool = False) -> list[Damage]:
+        return [Damage(self.path, f"zarr.json {self.reason}", "provenance")]
+
+    def backup_record(self) -> dict[str, Any] | None:
+        try:
+            copy = zarr.open_array(self.store, path=f"{self.path}/done", mode="r", zarr_format=3).attrs.get("backup")
+        except _DAMAGE:
+            return None
+        return dict(copy) if _record_ok(copy) else None
+
+    record = backup_record
+
+    def error(self) -> StoreDamageError:
+        return StoreDamageError(
+            f"{self.store_path}/{self.path}/zarr.json {self.reason}; {repair_hint(self.store_path)}"
+        )
 
     def size_bytes(self) -> int:
         root = self.store_path / self.path
@@ -262,13 +780,6 @@ class RunArrays:
         return self.run.text_embeddings() if self.run.has_text else None
 
 
-def _walk_arrays(g: zarr.Group) -> Iterator[zarr.Array]:
-    for _, arr in g.arrays():
-        yield arr
-    for _, sub in g.groups():
-        yield from _walk_arrays(sub)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -277,32 +788,72 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, t
     return {k: (old.get(k), new.get(k)) for k in IDENTITY_KEYS if old.get(k) != new.get(k)}
 
 
+def _dirs(p: Path) -> list[Path]:
+    """Child folders that can be Zarr nodes (dot-folders hold claims and runs being created)."""
+    return sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")) if p.is_dir() else []
+
+
 class EmbeddingStore:
     """A directory of run groups; the only code in the package that touches Zarr."""
 
-    def __init__(self, path: str | Path, create: bool = False) -> None:
+    def __init__(self, path: str | Path, create: bool = False, repair: bool = False) -> None:
         self.path = Path(path)
+        self.repaired: list[str] = []  # what opening with repair=True fixed
         marker = self.path / "zarr.json"
-        if not marker.exists():
+        if not marker.exists() and not (repair and self.path.is_dir()):
             if not create:
                 raise StoreError(f"no store at {self.path} (run `probe extract --store {self.path}`)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-            self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
+            try:
+                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+            except zarr.errors.ContainsGroupError:  # another writer created the store at this moment
+                self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            if "mubench_probe_store" not in self.root.attrs:
+                self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
             return
         try:
+            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        except _DAMAGE as exc:
+            if not repair:
+                raise StoreDamageError(
+                    f"{marker} is unreadable ({_why(exc)}); repair with `probe verify --repair {self.path}`"
+                ) from None
+            self.repaired.append(f"{marker} was unreadable ({_why(exc)}): rewritten")
+            marker.unlink(missing_ok=True)
             self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-        except Exception as exc:
-            raise StoreError(f"{self.path} is not a readable Zarr v3 store: {exc}") from exc
-        if "mubench_probe_store" not in self.root.attrs:
+            self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
+        version = self.root.attrs.get("mubench_probe_store")
+        if version is None:
             raise StoreError(f"{self.path} is a Zarr store but not one written by probe extract")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} was written by another version of probe (store format {version}; this probe "
+                f"reads format {FORMAT_VERSION}): extract again into a new --store"
+            )
+
+    # ---- listing ----------------------------------------------------------------------------
+    def _open(self, path: str) -> Run | BrokenRun:
+        try:
+            g = zarr.open_group(self.root.store, path=path, mode="r+", zarr_format=3)
+        except _DAMAGE as exc:
+            reason = "is unreadable" if (self.path / path / "zarr.json").exists() else "is missing"
+            if not isinstance(exc, zarr.errors.GroupNotFoundError):
+                reason += f" ({_why(exc)})"
+            return BrokenRun(path, self.path, reason, self.root.store)
+        return Run(g, self.path)
+
+    def scan(self) -> list[Run | BrokenRun]:
+        """Every run folder `MODEL/DATASET/SPLIT`, readable or not (for info, verify and repair)."""
+        return [self._open(f"{m.name}/{d.name}/{s.name}") for m in _dirs(self.path) for d in _dirs(m) for s in _dirs(d)]
 
     def runs(self) -> list[Run]:
+        """Every run, refusing the store in one line if a run's zarr.json or provenance is damaged."""
         out = []
-        for _, m in sorted(self.root.groups()):
-            for _, d in sorted(m.groups()):
-                for _, s in sorted(d.groups()):
-                    out.append(Run(s, self.path))
+        for node in self.scan():
+            if isinstance(node, BrokenRun):
+                raise node.error()
+            node.provenance  # noqa: B018 - raises when the digest does not match
+            out.append(node)
         return out
 
     def find(self, model: str | None = None, dataset: str | None = None, split: str | None = None) -> list[Run]:
@@ -319,6 +870,67 @@ class EmbeddingStore:
             found.append(r)
         return found
 
+    # ---- integrity --------------------------------------------------------------------------
+    def check(self, deep: bool = False, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> list[Damage]:
+        """Every problem in the store: intermediate groups, runs, half-created runs."""
+        out = self._parent_damage()
+        for node in self.scan():
+            out += node.check(deep)
+        out += [Damage(f"{CREATING}/{p.name}", what, "creating") for p, what in self._abandoned(timeout)]
+        return out
+
+    def _parent_damage(self) -> list[Damage]:
+        out = []
+        for m in _dirs(self.path):
+            for node in (m, *_dirs(m)):
+                rel = node.relative_to(self.path).as_posix()
+                try:
+                    zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
+                except _DAMAGE as exc:
+                    out.append(Damage(rel, f"zarr.json is missing or unreadable ({_why(exc)})", "parent"))
+        return out
+
+    def _abandoned(self, timeout: float) -> list[tuple[Path, str]]:
+        """Folders under .creating left by a creator that is gone (same host: dead pid; else old)."""
+        folder = self.path / CREATING
+        out = []
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            host, _, rest = p.name.rpartition("@")
+            pid = int(rest.split(".")[0]) if rest.split(".")[0].isdigit() else -1
+            if host != HOST:
+                gone = time.time() - p.stat().st_mtime > timeout
+            elif pid == os.getpid():  # ours: gone unless being built (a failed build can leave late writes)
+                gone = p.name.removesuffix(".old") not in _BUILDING
+            else:
+                gone = not pid_alive(pid)
+            if gone:
+                out.append((p, f"is a half-created run left by an interrupted `probe extract` (pid {pid} on {host})"))
+        return out
+
+    def cleanup(self, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> list[str]:
+        """Remove half-created runs and rewrite damaged intermediate group zarr.json files."""
+        done = []
+        for p, what in self._abandoned(timeout):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"{CREATING}/{p.name} {what}: removed")
+        for d in self._parent_damage():
+            self._ensure_group(d.node)
+            done.append(f"{d}: rewritten")
+        return done
+
+    def _ensure_group(self, rel: str) -> None:
+        """Make `rel` a readable group node; an unreadable zarr.json is replaced (no data lives in it)."""
+        try:
+            zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
+            return
+        except _DAMAGE:
+            _delete_key(self.root, f"{rel}/zarr.json")
+        try:
+            zarr.open_group(self.root.store, path=rel, mode="a", zarr_format=3)
+        except zarr.errors.ContainsGroupError:  # another writer created it at this moment
+            zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
+
+    # ---- creating and reopening runs ----------------------------------------------------------
     def prepare_run(
         self,
         path: str,
@@ -330,10 +942,12 @@ class EmbeddingStore:
         prompts: Mapping[str, Any],
         overwrite: bool = False,
     ) -> Run:
-        """Create the group, or reopen it if its identity matches; refuse to mix otherwise.
+        """Create the group atomically, or reopen it if its identity matches; refuse to mix otherwise.
 
-        Texts and captions may change between runs (other prompt templates): they are
-        rewritten without touching finished image chunks.
+        Reopening repairs what it finds damaged (see `Run.repair`): damaged or missing row chunks
+        get their done flag cleared, so the extraction that follows recomputes exactly those.
+        Texts and captions may change between runs (other prompt templates): they are rewritten
+        without touching finished image chunks.
         """
         provenance = {
             **provenance,
@@ -343,115 +957,189 @@ class EmbeddingStore:
             "chunk_rows": layout.chunk_rows,
             "feature_dim": layout.feature_dim,
             "features": layout.feature_dim is not None,
+            "meta_columns": [str(c) for c in meta.columns],
         }
-        if path in self.root:
-            run = Run(self.root[path], self.path)
-            diff = identity_diff(run.provenance, provenance)
-            if diff and not overwrite:
-                what = "; ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                raise ProvenanceMismatchError(
-                    f"{self.path}/{path} was extracted differently ({what}). Use another --store, "
-                    "or pass --overwrite to discard it"
-                )
-            if not diff:
-                if run.texts() != list(texts) or run.prompts() != dict(prompts):
-                    self._write_texts(run.group, texts, captions, layout)
-                    run.set_attrs(prompts=dict(prompts), texts_done=False)
-                run.set_attrs(provenance={**provenance, "created": run.provenance.get("created")})
-                return run
-            del self.root[path]
-        g = self.root.require_group(path)
-        n, cr = layout.n_rows, layout.chunk_rows
-        comp = _compressors()
-        g.create_array(
-            "image_emb",
-            shape=(n, layout.embed_dim),
-            chunks=(cr, layout.embed_dim),
-            dtype=layout.dtype,
-            compressors=comp,
-            fill_value=0,
-        )
-        if layout.feature_dim is not None:
-            g.create_array(
-                "features",
-                shape=(n, layout.feature_dim),
-                chunks=(cr, layout.feature_dim),
-                dtype=layout.dtype,
-                compressors=comp,
-                fill_value=0,
-            )
-        g.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False, compressors=comp)
-        g.create_array("failure", shape=(n,), chunks=(cr,), dtype=_STR, compressors=comp, fill_value="")
-        g.create_array("row_index", data=np.arange(n, dtype=np.int64), chunks=(max(n, 1),), compressors=comp)
-        mg = g.require_group("meta")
-        for col in meta.columns:
-            values = meta[col].to_numpy()
-            if values.dtype.kind in "biuf":
-                data = values
-            else:
-                data = _str_array(list(values))
-            mg.create_array(col, data=data, chunks=(max(n, 1),), compressors=comp)
-        mg.attrs["columns"] = [str(c) for c in meta.columns]
-        self._write_texts(g, texts, captions, layout)
-        g.attrs.update(
-            {
-                "provenance": {**provenance, "created": _now()},
-                "prompts": dict(prompts),
-                "texts_done": False,
-                "status": "new",
-                "updated": _now(),
-            }
-        )
-        return Run(g, self.path)
+        self.cleanup()
+        args = (path, provenance, layout, meta, texts, captions, prompts)
+        for _ in range(3):
+            if not (self.path / path).exists():
+                created = self._create(*args, replace=False)
+                if created is not None:
+                    return created
+                continue  # another writer created it at the same moment: join it
+            node = self._open(path)
+            restored = [str(d) for d in node.check()] if isinstance(node, BrokenRun) or not node.provenance_ok else []
+            run = self._trusted(node, overwrite)
+            if run is not None:
+                diff = identity_diff(run.provenance, provenance)
+                if diff and not overwrite:
+                    what = "; ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                    raise ProvenanceMismatchError(
+                        f"{self.path}/{path} was extracted differently ({what}). Use another --store, "
+                        "or pass --overwrite to discard it"
+                    )
+                if not diff:
+                    run.repairs = restored + run.repair(layout, meta, texts, captions, prompts)
+                    return run
+            created = self._create(*args, replace=True)
+            if created is not None:
+                return created
+        raise StoreError(f"could not create or open {self.path}/{path}: other writers keep replacing it")
 
-    @staticmethod
-    def _write_texts(
-        g: zarr.Group, texts: Sequence[str], captions: Mapping[str, tuple[np.ndarray, np.ndarray]], layout: RunLayout
-    ) -> None:
-        comp = _compressors()
-        t = max(len(texts), 1)
-        for name in ("texts", "text_emb", "captions"):
-            if name in g:
-                del g[name]
-        g.create_array("texts", data=_str_array(list(texts)), chunks=(t,), compressors=comp)
-        g.create_array(
-            "text_emb",
-            shape=(len(texts), layout.embed_dim),
-            chunks=(t, layout.embed_dim),
-            dtype=layout.dtype,
-            compressors=comp,
-            fill_value=0,
-        )
-        cg = g.require_group("captions")
-        for key, (options, answer) in captions.items():
-            kg = cg.require_group(key)
-            kg.create_array(
-                "options",
-                data=options.astype(np.int32),
-                chunks=(max(options.shape[0], 1), max(options.shape[1], 1)),
-                compressors=comp,
+    def _trusted(self, node: Run | BrokenRun, overwrite: bool) -> Run | None:
+        """The run with a provenance that passes its digest, restored from its copy if needed."""
+        if isinstance(node, Run) and node.provenance_ok:
+            return node
+        record = node.record()
+        if record is None:
+            if overwrite:
+                return None
+            raise StoreDamageError(
+                f"{self.path}/{node.path}/zarr.json: the run's provenance is damaged and so is its copy in "
+                "done/zarr.json; pass --overwrite to extract this run again"
             )
-            kg.create_array("answer", data=answer.astype(np.int32), chunks=(max(answer.shape[0], 1),), compressors=comp)
+        self._ensure_group(node.path)
+        run = self._open(node.path)
+        if not isinstance(run, Run):
+            raise run.error()
+        attrs = _group_attrs(record["provenance"], record["prompts"] or {}, record["caption_keys"] or [], False)
+        attrs["texts_sha256"] = record["texts_sha256"]
+        run.group.attrs.update(attrs)
+        return run
+
+    def _create(
+        self,
+        path: str,
+        provenance: dict[str, Any],
+        layout: RunLayout,
+        meta: pd.DataFrame,
+        texts: Sequence[str],
+        captions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        prompts: Mapping[str, Any],
+        replace: bool,
+    ) -> Run | None:
+        """Build the run under .creating/ and rename it into place; None if another writer won."""
+        scratch = self.path / CREATING / f"{HOST}@{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        _BUILDING.add(scratch.name)
+        try:
+            return self._build_and_rename(scratch, path, provenance, layout, meta, texts, captions, prompts, replace)
+        finally:
+            _BUILDING.discard(scratch.name)
+
+    def _build_and_rename(
+        self,
+        scratch: Path,
+        path: str,
+        provenance: dict[str, Any],
+        layout: RunLayout,
+        meta: pd.DataFrame,
+        texts: Sequence[str],
+        captions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        prompts: Mapping[str, Any],
+        replace: bool,
+    ) -> Run | None:
+        try:
+            g = zarr.open_group(str(scratch), mode="w", zarr_format=3)
+            _build_run(g, {**provenance, "created": _now()}, layout, meta, texts, captions, prompts)
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                self._ensure_group("/".join(parts[:i]))
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)  # best effort; a leftover is removed on the next run
+            raise
+        target = self.path / path
+        old = None
+        if replace and target.exists():
+            old = scratch.with_name(scratch.name + ".old")
+            os.rename(target, old)
+        try:
+            os.rename(scratch, target)
+        except OSError as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if old is None and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return None
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        run = self._open(path)
+        if isinstance(run, BrokenRun):
+            raise run.error()
+        return run
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
-def describe(run: Run) -> dict[str, Any]:
-    """A JSON-ready summary of a run for `probe info`."""
-    p = run.provenance
-    done = run.done_mask()
+def _build_run(
+    g: zarr.Group,
+    provenance: dict[str, Any],
+    layout: RunLayout,
+    meta: pd.DataFrame,
+    texts: Sequence[str],
+    captions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    prompts: Mapping[str, Any],
+) -> None:
+    """Every array of a new run, then its attributes (the group is renamed into place after)."""
+    for name in ("image_emb", *(("features",) if layout.feature_dim is not None else ()), "done", "failure"):
+        arr = _create_row_array(g, name, layout)
+        if name == "done":
+            arr[:] = False  # every flag gets a file: a deleted flag is then detected, not read as False
+    _write_row_index(g, layout)
+    _write_meta(g, meta, layout)
+    _write_texts(g, texts, captions, layout)
+    keys = sorted(captions)
+    attrs = _group_attrs(provenance, prompts, keys, False)
+    attrs["texts_sha256"] = texts_digest(texts, prompts, keys)
+    g["done"].attrs["backup"] = _backup(attrs)
+    g.attrs.update(attrs)
+
+
+def describe(node: Run | BrokenRun) -> dict[str, Any]:
+    """A JSON-ready summary of a run for `probe info`; the status is derived, never stored."""
+    problems = node.check()
+    if isinstance(node, BrokenRun) or not node.provenance_ok:
+        p = node.raw_provenance if isinstance(node, Run) else {}
+        return {
+            "group": node.path,
+            "model": p.get("model_spec"),
+            "dataset": p.get("dataset_spec"),
+            "split": node.path.split("/")[-1],
+            "rows": p.get("n_rows"),
+            "chunks_done": "?",
+            "texts": 0,
+            "failed_rows": None,
+            "status": "damaged",
+            "problems": [str(d) for d in problems],
+            "complete": False,
+            "size_bytes": node.size_bytes(),
+            "provenance": p,
+        }
+    p = node.provenance
+    try:
+        done = node._check_done(node.group["done"])[0]
+    except _DAMAGE:  # the done array's zarr.json is damaged: reported in problems
+        done = np.zeros(node.layout.n_chunks, dtype=bool)
+    complete = node.texts_done and bool(done.all())
+    if problems:
+        status = "damaged"
+    elif complete:
+        status = "complete"
+    else:
+        status = f"incomplete: {int(done.sum())}/{done.size} chunks" + ("" if node.texts_done else ", texts pending")
     return {
-        "group": run.path,
+        "group": node.path,
         "model": p.get("model_spec"),
         "dataset": p.get("dataset_spec"),
-        "split": run.path.split("/")[-1],
+        "split": node.path.split("/")[-1],
         "rows": p.get("n_rows"),
         "chunks_done": f"{int(done.sum())}/{done.size}",
-        "texts": len(run.texts()) if run.has_text else 0,
-        "failed_rows": len(run.failures()),
-        "status": run.attrs.get("status"),
-        "complete": run.complete,
-        "size_bytes": run.size_bytes(),
+        "texts": int(node.group["texts"].shape[0]) if node.has_text and "texts" in node.group else 0,
+        "failed_rows": None if problems else len(node.failures_unchecked()),
+        "status": status,
+        "problems": [str(d) for d in problems],
+        "complete": complete and not problems,
+        "templates": node.prompts().get("templates", []),
+        "size_bytes": node.size_bytes(),
         "provenance": p,
     }

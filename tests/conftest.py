@@ -61,6 +61,16 @@ def effnet_store(tmp_path_factory, sample) -> Path:
     return path
 
 
+def forge_provenance(run, **changes) -> None:
+    """Rewrite a run's provenance *with* matching digests (as if another model had made it)."""
+    from mubench_probe.store import digest
+
+    prov = {**run.provenance, **changes}
+    run.group.attrs.update({"provenance": prov, "provenance_sha256": digest(prov)})
+    backup = dict(run.group["done"].attrs["backup"])
+    run.group["done"].attrs["backup"] = {**backup, "provenance": prov, "provenance_sha256": digest(prov)}
+
+
 def gray16_from(jpeg: bytes) -> np.ndarray:
     """A real crop as a 16-bit grayscale image using only part of the 16-bit range."""
     g = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16)

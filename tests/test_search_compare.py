@@ -16,7 +16,7 @@ from mubench_probe.index import IndexCache, ann_recall, build_index, exact_topk
 from mubench_probe.similarity import linear_cka, mcnemar, mutual_knn
 from mubench_probe.store import EmbeddingStore, l2_normalize
 
-from .conftest import TINY
+from .conftest import TINY, forge_provenance
 
 
 def _numpy_topk(x, q, k):
@@ -92,7 +92,7 @@ def test_text_image_and_row_queries_round_trip(tiny_store, sample):
 
 def test_search_refuses_a_model_that_does_not_match(tiny_store_copy):
     (run,) = EmbeddingStore(tiny_store_copy).runs()
-    run.set_attrs(provenance={**run.provenance, "weights_hash": "something else"})
+    forge_provenance(run, weights_hash="something else")
     with pytest.raises(ProvenanceMismatchError, match="weights_hash"):
         api.search(tiny_store_copy, TINY, text="a platelet")
     assert api.search(tiny_store_copy, TINY, row=0, k=2).hits  # stored rows still work

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,12 @@ class FolderFormat:
 
 
 class CsvFormat:
-    """`path,label[,metadata...]`; paths relative to the CSV's folder; extra columns kept."""
+    """`path,label[,metadata...]`; extra columns kept.
+
+    A path may be relative to the CSV's folder (`..` included) or absolute: that is how users
+    point a manifest at data that lives elsewhere. The manifest's own sha256 goes into the
+    provenance, and its text (with every image's size) into the dataset fingerprint.
+    """
 
     name = "csv"
     help = "CSV manifest with columns path,label[,metadata...]"
@@ -94,5 +100,6 @@ class CsvFormat:
             id=str(path.resolve()),
             name=path.stem,
             fingerprint=fingerprint_strings([path.read_text(), ident["fingerprint"] or ""]),
+            manifest_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         )
         return LoadedDataset(spec, slug(path.stem), split, ident, meta, PathImageReader([str(root / r) for r in rels]))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import difflib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,22 @@ def _help(spec: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """open_clip logs failures (e.g. every known tag) on the root logger; our error says it in one line."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+def _closest(word: str, choices: Sequence[str]) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f"; closest: {', '.join(near)}" if near else ""
+
+
 class OpenClipEncoder(Encoder):
     def __init__(self, spec: str, device: torch.device, precision: str = "fp32") -> None:
         import open_clip
@@ -57,7 +76,8 @@ class OpenClipEncoder(Encoder):
         name, tag = parse_spec(spec)
         if tag is not None and name not in open_clip.list_models():
             raise ModelUnavailableError(
-                f"unknown open_clip architecture {name!r} in {spec!r}; `probe models` lists them"
+                f"unknown open_clip architecture {name!r} in {spec!r}{_closest(name, open_clip.list_models())}; "
+                "`probe models --all` lists them"
             )
         pretrained: str | None = tag
         tried = f"open_clip tag {tag!r}"
@@ -70,10 +90,17 @@ class OpenClipEncoder(Encoder):
             pretrained, tried = str(path), f"local checkpoint {path}"
         elif tag is None:
             tried = "the Hugging Face Hub"
+        elif tag not in (known := open_clip.list_pretrained_tags_by_model(name)):
+            raise ModelUnavailableError(
+                f"unknown open_clip tag {tag!r} for {name}{_closest(tag, known)}"
+                f"{'' if known else ' (it has no pretrained tags)'}; use ARCH:TAG, ARCH:random or "
+                "ARCH:/path/to/weights (`probe models --all` lists every tag)"
+            )
         try:
             torch.manual_seed(RANDOM_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-            tokenizer = open_clip.get_tokenizer(name)
+            with _quiet_logging():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+                tokenizer = open_clip.get_tokenizer(name)
         except ModelUnavailableError:
             raise
         except Exception as exc:  # download, auth, bad tag, bad checkpoint: one clear message

@@ -1,0 +1,270 @@
+"""Per-chunk claims, so that several `probe extract` processes on one run split the work.
+
+A writer claims a chunk right before computing it and releases it after the chunk (and its
+`done` flag) is written; a chunk claimed by a live writer is skipped. The interface is small on
+purpose: a later object-store backend can implement `try_claim` with a conditional write
+(S3 `If-None-Match: *`) and the same staleness rule, and sharded extraction builds on it.
+
+The local implementation keeps one file per claim in `<store>/.claims/<run>/` (a folder that is
+not a Zarr node). A claim is created atomically and exclusively with a hard link of a fully
+written temporary file (safe on NFS, where O_EXCL historically is not), holds the owner's host,
+pid, process start time and a random token, and its mtime is the heartbeat, refreshed by a
+background thread while the claim is held.
+
+Staleness: a claim by a process on this host is stale as soon as that pid is dead (or was
+reused by another process); a claim from another host is stale once its heartbeat is older
+than `timeout` seconds. A stale claim is taken over by renaming it aside first, so that only
+one of several contenders wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CLAIM_TIMEOUT = 300.0
+Key = int | str  # a row-chunk index, or "texts" for the text table
+
+
+def key_name(key: Key) -> str:
+    return f"chunk-{key}" if isinstance(key, int) else str(key)
+
+
+def _parse_key(name: str) -> Key:
+    return int(name[6:]) if name.startswith("chunk-") and name[6:].isdigit() else name
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), to tell a reused pid from the claim's owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class ClaimInfo:
+    """Who holds a claim, and whether that owner still counts as alive."""
+
+    key: Key
+    host: str
+    pid: int
+    token: str
+    age_s: float
+    live: bool
+
+    def describe(self) -> str:
+        where = "this host" if self.host == HOST else f"host {self.host}"
+        return f"pid {self.pid} on {where} (heartbeat {self.age_s:.0f} s ago)"
+
+
+class ChunkClaims(ABC):
+    """Exclusive, expiring claims on the chunks of one run."""
+
+    timeout: float = DEFAULT_CLAIM_TIMEOUT  # seconds without heartbeat before another host's claim is stale
+
+    @abstractmethod
+    def try_claim(self, key: Key) -> bool:
+        """Claim `key` for this writer; False if a live writer holds it. Takes over stale claims."""
+
+    @abstractmethod
+    def release(self, key: Key) -> None:
+        """Give a claim back (only if it is still ours)."""
+
+    @abstractmethod
+    def owns(self, key: Key) -> bool:
+        """Whether this writer still holds `key` (checked again right before writing)."""
+
+    @abstractmethod
+    def owners(self) -> dict[Key, ClaimInfo]:
+        """Every current claim, ours included, with its owner and liveness."""
+
+    def stale(self) -> list[Key]:
+        """Claims whose owner is gone: the next `try_claim` on them takes them over."""
+        return [k for k, c in self.owners().items() if not c.live]
+
+    def record_written(self, key: Key) -> None:  # noqa: B027 - optional audit hook
+        """Note that this writer wrote `key` (an audit log; backends may ignore it)."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to do for backends without state
+        """Release every claim still held and stop heartbeats."""
+
+    def __enter__(self) -> ChunkClaims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalChunkClaims(ChunkClaims):
+    """Claim files in a local (or NFS) folder; see the module docstring for the rules."""
+
+    def __init__(self, folder: Path, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError("claim timeout must be positive")
+        self.folder = Path(folder)
+        self.timeout = float(timeout)
+        self.token = uuid.uuid4().hex
+        self.pid = os.getpid()
+        self._start = process_start(self.pid)
+        self._held: dict[Key, Path] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # ---- files -----------------------------------------------------------------------------
+    def _path(self, key: Key) -> Path:
+        return self.folder / f"{key_name(key)}.claim"
+
+    def _create(self, path: Path) -> bool:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        body = {"host": HOST, "pid": self.pid, "start": self._start, "token": self.token, "claimed": time.time()}
+        tmp = self.folder / f".{path.name}.{self.token}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(body))
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read(self, path: Path) -> ClaimInfo | None:
+        """The claim at `path`; None if it vanished. An unreadable claim counts as stale."""
+        try:
+            raw = path.read_text()
+            age = max(0.0, time.time() - path.stat().st_mtime)
+        except FileNotFoundError:
+            return None
+        key = _parse_key(path.name.removesuffix(".claim"))
+        try:
+            body = json.loads(raw)
+            host, pid, token, start = str(body["host"]), int(body["pid"]), str(body["token"]), body.get("start")
+        except (ValueError, KeyError, TypeError):
+            return ClaimInfo(key, "?", -1, "", age, False)
+        if host == HOST:
+            live = pid_alive(pid) and (start is None or process_start(pid) in (None, start))
+        else:
+            live = age <= self.timeout
+        return ClaimInfo(key, host, pid, token, age, live)
+
+    # ---- interface -------------------------------------------------------------------------
+    def try_claim(self, key: Key) -> bool:
+        path = self._path(key)
+        for _ in range(3):
+            if self._create(path):
+                with self._lock:
+                    self._held[key] = path
+                self._start_heartbeat()
+                return True
+            info = self._read(path)
+            if info is None:
+                continue  # released meanwhile: try again
+            if info.token == self.token:
+                return True
+            if info.live:
+                return False
+            # Stale: move it aside under a unique name; only one contender can move a given file.
+            aside = path.with_name(f".{path.name}.stale.{uuid.uuid4().hex}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            moved = self._read(aside)
+            if moved is not None and moved.token != info.token and moved.live:
+                # Someone took it over between our read and our rename: give it back.
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+                aside.unlink(missing_ok=True)
+                return False
+            aside.unlink(missing_ok=True)
+        return False
+
+    def release(self, key: Key) -> None:
+        with self._lock:
+            path = self._held.pop(key, None)
+        if path is None:
+            return
+        info = self._read(path)
+        if info is not None and info.token == self.token:
+            path.unlink(missing_ok=True)
+
+    def owns(self, key: Key) -> bool:
+        info = self._read(self._path(key))
+        return info is not None and info.token == self.token
+
+    def owners(self) -> dict[Key, ClaimInfo]:
+        if not self.folder.is_dir():
+            return {}
+        out = {}
+        for path in sorted(self.folder.glob("*.claim")):
+            info = self._read(path)
+            if info is not None:
+                out[info.key] = info
+        return out
+
+    def record_written(self, key: Key) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = f"{key_name(key)} {HOST} {self.pid} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+        fd = os.open(self.folder / "written.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())  # one short O_APPEND write: lines of concurrent writers never interleave
+        finally:
+            os.close(fd)
+
+    def written(self) -> list[tuple[Key, str, int]]:
+        """The audit log: (key, host, pid) per chunk written, oldest first."""
+        log = self.folder / "written.log"
+        if not log.exists():
+            return []
+        out = []
+        for line in log.read_text().splitlines():
+            name, host, pid, *_ = line.split()
+            out.append((_parse_key(name), host, int(pid)))
+        return out
+
+    # ---- heartbeat -------------------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        interval = max(0.05, min(self.timeout / 4, 30.0))
+        while not self._stop.wait(interval):
+            with self._lock:
+                paths = list(self._held.values())
+            for p in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(p)
+
+    def close(self) -> None:
+        self._stop.set()
+        for key in list(self._held):
+            self.release(key)
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+            self._beat = None
+        self._stop = threading.Event()
