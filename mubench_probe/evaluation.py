@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError
+from .errors import StoreError, UsageError
 from .heads.zeroshot import template_indices
 from .protocol import (
     EvalConfig,

@@ -122,7 +122,9 @@ def test_a_training_fold_with_one_class_does_not_crash_any_head():
 
 
 def test_split_protocol_scores_zero_shot_on_the_test_rows_only(multi, tmp_path):
-    res = api.evaluate(multi, EvalConfig(protocol="split", n_boot=50, shots=(2,), fewshot_seeds=1), models=["synthetic:a"])
+    res = api.evaluate(
+        multi, EvalConfig(protocol="split", n_boot=50, shots=(2,), fewshot_seeds=1), models=["synthetic:a"]
+    )
     meta = EmbeddingStore(multi).runs()[0].meta()
     test = meta.split == "test"
     for task, rows in (("fine/histo_a", test & (meta.dataset == "histo_a")), ("coarse/domain", test)):
@@ -212,7 +214,9 @@ def test_heads_equal_plain_references_on_the_same_folds(multi, kfold):
         sims = q[te] @ q[tr].T
         for j, row in enumerate(sims):
             order = np.lexsort((np.arange(len(row)), -row))[:10]
-            votes = np.bincount(y[tr][order], weights=np.exp((row[order] - row[order[0]]) / 0.07), minlength=len(classes))
+            votes = np.bincount(
+                y[tr][order], weights=np.exp((row[order] - row[order[0]]) / 0.07), minlength=len(classes)
+            )
             knn[te[j]] = votes.argmax()
         with warnings.catch_warnings(), serial_optimizer_blas():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -253,14 +257,39 @@ def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
     r = runner.invoke(app, ["evaluate", str(multi), *args])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     assert "electron microscopy (only in em_a" in r.output
-    r = runner.invoke(app, ["evaluate", str(multi), *args, "--protocol", "transfer", "--train-where",
-                            "dataset=histo_a", "--test-where", "dataset=histo_b", "--force"])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(multi),
+            *args,
+            "--protocol",
+            "transfer",
+            "--train-where",
+            "dataset=histo_a",
+            "--test-where",
+            "dataset=histo_b",
+            "--force",
+        ],
+    )
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
-    r = runner.invoke(app, ["evaluate", str(multi), "--preset", "mubench-table1", "--bootstrap", "200",
-                            "--out", str(tmp_path / "t1")])
+    r = runner.invoke(
+        app, ["evaluate", str(multi), "--preset", "mubench-table1", "--bootstrap", "200", "--out", str(tmp_path / "t1")]
+    )
     assert r.exit_code == 0 and "μ-Bench zero-shot" in r.output and " ± " in r.output, r.output
-    r = runner.invoke(app, ["evaluate", str(multi), "--protocol", "transfer", "--train-where", "dataset=zz",
-                            "--test-where", "dataset=histo_b"])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(multi),
+            "--protocol",
+            "transfer",
+            "--train-where",
+            "dataset=zz",
+            "--test-where",
+            "dataset=histo_b",
+        ],
+    )
     assert r.exit_code == 2 and "matches no row" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["compare", str(tmp_path / "r"), "--report", str(tmp_path / "rep.html")])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
