@@ -118,7 +118,7 @@ def knn_vs_sklearn(repeats: int) -> None:
 
 def full_evaluation() -> None:
     with tempfile.TemporaryDirectory() as d:
-        multi_source_store(f"{d}/s.zarr", dim=1280, sources=STORE_SOURCES, signal=0.3, chunk_rows=1024)
+        multi_source_store(f"{d}/s.zarr", dim=1280, sources=STORE_SOURCES, signal=0.12, chunk_rows=1024)
         t0 = time.perf_counter()
         res = api.evaluate(f"{d}/s.zarr", results_dir=f"{d}/results")
         elapsed = time.perf_counter() - t0
