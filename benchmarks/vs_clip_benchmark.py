@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from mubench_probe import api
+from mubench_probe.config import DEFAULT_TEMPLATES
 from mubench_probe.encoders import load_encoder
 from mubench_probe.imaging import get_policy, load_rgb
 from mubench_probe.protocol import EvalConfig
-from mubench_probe.tasks import DEFAULT_TEMPLATES, class_text
+from mubench_probe.tasks import class_text
 
 
 class Images(torch.utils.data.Dataset):

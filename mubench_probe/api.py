@@ -1,4 +1,9 @@
-"""The public Python API; the CLI is a thin layer over these functions."""
+"""The public Python API; the CLI is a thin layer over these functions.
+
+Heavy libraries load where they are needed: torch when a model is loaded (extract, interpolate,
+repair, a new search query), scikit-learn when evaluating, matplotlib for reports. Importing
+this module, `probe info`, `probe verify`, `probe models` and every `--help` stay torch-free.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,31 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .claims import DEFAULT_CLAIM_TIMEOUT
+from .config import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TEMPLATES,
+    HEADS,
+    PRESETS,
+    EvalConfig,
+    ExtractConfig,
+    read_templates,
+)
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
-from .encoders import BACKENDS, MUBENCH_MODELS, Backend, load_encoder
-from .encoders.openclip import list_specs
+from .encoders import BACKENDS, MUBENCH_MODELS, Backend
 from .errors import DatasetUnavailableError, ModelUnavailableError, ProvenanceMismatchError, StoreError, UsageError
-from .evaluation import EvaluationResult, Unit, evaluate_store, mubench_table1, summary
-from .extraction import ExtractReport, NotifyFn, ProgressFn, prepare, run_extraction
-from .imaging import DEFAULT_MAX_PIXELS, get_policy
-from .protocol import HEADS, EvalConfig
 from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
-from .tasks import DEFAULT_TEMPLATES, read_templates
+
+if TYPE_CHECKING:
+    from .encoders.base import Encoder
+    from .evaluation import EvaluationResult, Unit
+    from .extraction import ExtractReport, NotifyFn, ProgressFn
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
@@ -32,9 +45,14 @@ __all__ = [
     "HEADS",
     "MUBENCH_ID",
     "MUBENCH_MODELS",
+    "PRESETS",
     "EvalConfig",
+    "ExtractConfig",
+    "compare",
+    "default_results_dir",
     "evaluate",
     "extract",
+    "interpolate",
     "list_backends",
     "list_dataset_formats",
     "list_open_clip_specs",
@@ -42,6 +60,7 @@ __all__ = [
     "open_dataset",
     "open_store",
     "repair_store",
+    "search",
     "store_info",
     "summary",
     "verify_store",
@@ -64,71 +83,46 @@ def _templates(templates: str | Path | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
 
 
+def default_results_dir(store: str | Path) -> Path:
+    """Where `probe evaluate STORE` and `probe compare STORE` keep results: results/<store name>."""
+    return Path("results") / Path(store).name.removesuffix(".zarr")
+
+
 def _extract_inputs(
-    dataset: LoadedDataset | str,
-    store: str | Path | EmbeddingStore,
-    intensity: str,
-    templates: str | Path | Sequence[str] | None,
-):
+    dataset: LoadedDataset | str, store: str | Path | EmbeddingStore, **dataset_args: Any
+) -> tuple[LoadedDataset, str | Path | EmbeddingStore]:
     """Everything extract and interpolate resolve the same way before loading a model.
 
     An existing store is opened now (a damaged one fails before the model loads); a new one is
     created only once a model has loaded (`_created`), so a failed load leaves nothing behind.
     """
-    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
+    ds = open_dataset(dataset, **dataset_args) if isinstance(dataset, str) else dataset
     if not isinstance(store, EmbeddingStore) and (Path(store) / "zarr.json").exists():
         store = EmbeddingStore(store)
-    return ds, store, get_policy(intensity), _templates(templates)
+    return ds, store
 
 
 def _created(store: str | Path | EmbeddingStore) -> EmbeddingStore:
     return store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
 
 
+def _settings(config: ExtractConfig | None, settings: dict[str, Any]) -> ExtractConfig:
+    cfg = config or ExtractConfig()
+    return cfg.replace(**settings) if settings else cfg
+
+
 def _extract_with(
-    encoder: Any,
+    encoder: Encoder,
     ds: LoadedDataset,
     st: EmbeddingStore,
-    policy: Any,
-    templates: tuple[str, ...],
-    *,
-    chunk_rows: int,
-    dtype: str,
-    features: bool,
-    overwrite: bool,
-    batch_size: int,
-    num_workers: int,
-    progress: ProgressFn | None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    config: ExtractConfig,
+    progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
 ) -> ExtractReport:
-    if claim_timeout <= 0:
-        raise UsageError("--claim-timeout must be positive")
-    run = prepare(
-        st,
-        encoder,
-        ds,
-        policy=policy,
-        chunk_rows=chunk_rows,
-        dtype=dtype,
-        features=features,
-        templates=templates,
-        overwrite=overwrite,
-        max_pixels=max_pixels,
-    )
-    return run_extraction(
-        run,
-        encoder,
-        ds,
-        policy=policy,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        max_pixels=max_pixels,
-        claim_timeout=claim_timeout,
-        notify=notify,
-    )
+    from .extraction import prepare, run_extraction
+
+    run = prepare(st, encoder, ds, config)
+    return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)
 
 
 def extract(
@@ -136,45 +130,28 @@ def extract(
     dataset: LoadedDataset | str = "sample",
     *,
     store: str | Path | EmbeddingStore = DEFAULT_STORE,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: str | None = None,
-    precision: str = "fp32",
-    dtype: str = "float16",
-    chunk_rows: int = 256,
-    features: bool = False,
-    intensity: str = "percentile",
-    templates: str | Path | Sequence[str] | None = None,
-    overwrite: bool = False,
+    config: ExtractConfig | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
     progress: ProgressFn | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
     notify: NotifyFn | None = None,
+    **settings: Any,
 ) -> ExtractReport:
     """Embed `dataset` with `model` into the store; resumes (and repairs) a matching group.
 
-    Several processes may run this on the same store and model at once: they split the chunks.
-    `notify` receives one-line notices (e.g. waiting for chunks another writer holds).
+    `config` (an ExtractConfig) holds every setting; keyword `settings` override its fields
+    (e.g. `num_workers=0, dtype="float32"`); `split`, `revision` and `limit` apply when `dataset`
+    is a spec string. Several processes may run this on the same store and
+    model at once: they split the chunks. `notify` receives one-line notices (e.g. waiting for
+    chunks another writer holds).
     """
-    ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
-    encoder = load_encoder(model, device=device, precision=precision)
-    return _extract_with(
-        encoder,
-        ds,
-        _created(st),
-        policy,
-        tmpl,
-        chunk_rows=chunk_rows,
-        dtype=dtype,
-        features=features,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        max_pixels=max_pixels,
-        claim_timeout=claim_timeout,
-        notify=notify,
-    )
+    from .encoders import load_encoder
+
+    cfg = _settings(config, settings)
+    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit)
+    encoder = load_encoder(model, device=cfg.device, precision=cfg.precision)
+    return _extract_with(encoder, ds, _created(st), cfg, progress, notify)
 
 
 def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
@@ -233,12 +210,10 @@ def extract_command(store: str | Path, record: dict[str, Any]) -> str:
 def repair_store(
     path: str | Path = DEFAULT_STORE,
     *,
-    device: str | None = None,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    num_workers: int = 2,
-    progress: Callable[[str], ProgressFn | None] | None = None,
+    config: ExtractConfig | None = None,
+    progress: Callable[[str, int], ProgressFn | None] | None = None,
     notify: NotifyFn | None = None,
+    **settings: Any,
 ) -> RepairReport:
     """Repair every damaged run from its own provenance (`probe verify --repair`).
 
@@ -246,8 +221,13 @@ def repair_store(
     model. Each damaged run's model and dataset are reloaded from its provenance and the same
     extraction a rerun of `probe extract` would do fixes it: damaged or missing chunks get their
     done flag cleared and are recomputed, texts re-encoded, metadata rewritten. Where the model
-    or dataset cannot be reloaded here, `commands` says which `probe extract` to run.
+    or dataset cannot be reloaded here, `commands` says which `probe extract` to run. Only the
+    forward-pass settings of `config` (device, precision, batch size, workers) are used; what
+    the run stores comes from its provenance.
     """
+    from .encoders import load_encoder
+
+    run_cfg = _settings(config, settings)
     st = EmbeddingStore(path, repair=True)
     report = RepairReport(repaired=st.repaired + st.cleanup())
     damaged = {"/".join(d.node.split("/")[:3]) for d in st.check(deep=True)}
@@ -266,27 +246,21 @@ def repair_store(
         try:
             limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
             ds = open_dataset(p.get("dataset_spec") or "sample", p.get("split"), p.get("dataset_revision"), limit)
-            encoder = load_encoder(p["model_spec"], device=device, precision=precision)
+            encoder = load_encoder(p["model_spec"], device=run_cfg.device, precision=run_cfg.precision)
         except (ModelUnavailableError, DatasetUnavailableError) as exc:
             report.commands.append(f"{node.path}: cannot reload its model or dataset here ({exc}); run: {cmd}")
             continue
         try:
-            done = _extract_with(
-                encoder,
-                ds,
-                st,
-                get_policy(str(p.get("intensity_policy", "percentile")).split(":")[0]),
-                tuple((record.get("prompts") or {}).get("templates") or DEFAULT_TEMPLATES),
+            cfg = run_cfg.replace(
+                intensity=str(p.get("intensity_policy", "percentile")).split(":")[0],
+                templates=tuple((record.get("prompts") or {}).get("templates") or DEFAULT_TEMPLATES),
                 chunk_rows=int(p["chunk_rows"]),
                 dtype=str(p["dtype"]),
                 features=bool(p.get("features")),
                 overwrite=False,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=progress(p["model_spec"]) if progress else None,
                 max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                notify=notify,
             )
+            done = _extract_with(encoder, ds, st, cfg, progress(p["model_spec"], len(ds)) if progress else None, notify)
         except ProvenanceMismatchError as exc:
             report.commands.append(f"{node.path}: the model or dataset reloaded here differs from the run's: {exc}")
             continue
@@ -301,6 +275,8 @@ def list_backends() -> list[Backend]:
 
 
 def list_open_clip_specs() -> list[str]:
+    from .encoders.openclip import list_specs
+
     return list_specs()
 
 
@@ -321,6 +297,8 @@ def evaluate(
     progress: Callable[[Unit, int, int], None] | None = None,
 ) -> EvaluationResult:
     """Score every head on every task from the store alone (never loads a model or an image)."""
+    from .evaluation import evaluate_store
+
     tmpl = _templates(templates) if templates is not None else None  # None: the templates extracted
     return evaluate_store(
         store,
@@ -363,7 +341,7 @@ def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tupl
     """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
     src = Path(source)
     if (src / "zarr.json").exists():
-        res = evaluate(src, models=models, results_dir=Path("results") / src.name.removesuffix(".zarr"))
+        res = evaluate(src, models=models, results_dir=default_results_dir(src))
         return res.table, res.predictions, src
     if (src / "results.parquet").exists():
         table, preds = ResultsDir(src).load()
@@ -472,31 +450,31 @@ def interpolate(
     dataset: LoadedDataset | str = "sample",
     *,
     store: str | Path | EmbeddingStore = DEFAULT_STORE,
+    config: ExtractConfig | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
     preprocess: str | None = None,
     save_dir: str | Path | None = None,
-    device: str | None = None,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    num_workers: int = 2,
-    dtype: str = "float16",
-    chunk_rows: int = 256,
-    intensity: str = "percentile",
-    templates: str | Path | Sequence[str] | None = None,
-    overwrite: bool = False,
-    progress: Callable[[str], ProgressFn | None] | None = None,
+    progress: Callable[[str, int], ProgressFn | None] | None = None,
+    notify: NotifyFn | None = None,
+    **settings: Any,
 ) -> list[ExtractReport]:
-    """Extract `interp(base, finetuned, alpha)` for each alpha into the store (compatibility checked first).
+    """Extract `interp(base, finetuned, alpha)` for each alpha into the store.
 
-    Holds the two source state dicts and one output model; `save_dir` also writes each alpha's
-    weights as a checkpoint loadable with `ARCH:/path`.
+    Compatibility is checked before any other work: both models are loaded and compared first,
+    then the dataset is opened and the store created. Holds the two source state dicts and one
+    output model; `save_dir` also writes each alpha's weights as a checkpoint loadable with
+    `ARCH:/path`. `config` / `settings` as for `extract` (pre-projection features are not stored).
     """
     from .encoders import device_for
     from .encoders.interpolate import Interpolator
 
     if not alphas:
         raise UsageError("give at least one alpha")
-    ds, st, policy, tmpl = _extract_inputs(dataset, store, intensity, templates)
-    interp = Interpolator(base, finetuned, device_for(device, precision), precision, preprocess)
+    cfg = _settings(config, settings)
+    interp = Interpolator(base, finetuned, device_for(cfg.device, cfg.precision), cfg.precision, preprocess)
+    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit)
     st = _created(st)
     reports = []
     for alpha in alphas:
@@ -504,20 +482,20 @@ def interpolate(
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             interp.save(str(Path(save_dir) / f"interp_alpha{alpha:g}.pt"))
-        reports.append(
-            _extract_with(
-                encoder,
-                ds,
-                st,
-                policy,
-                tmpl,
-                chunk_rows=chunk_rows,
-                dtype=dtype,
-                features=False,
-                overwrite=overwrite,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=progress(encoder.info.spec) if progress else None,
-            )
-        )
+        bar = progress(encoder.info.spec, len(ds)) if progress else None
+        reports.append(_extract_with(encoder, ds, st, cfg.replace(features=False), bar, notify))
     return reports
+
+
+def mubench_table1(table: pd.DataFrame) -> pd.DataFrame:
+    """Pooled μ-Bench caption accuracy per model, in the layout of the paper's Table 1."""
+    from .evaluation import mubench_table1 as table1
+
+    return table1(table)
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI)."""
+    from .evaluation import summary as summ
+
+    return summ(table)

@@ -30,7 +30,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_CLAIM_TIMEOUT = 300.0
+from .config import DEFAULT_CLAIM_TIMEOUT
+
 Key = int | str  # a row-chunk index, or "texts" for the text table
 
 

@@ -83,6 +83,43 @@ def _progress() -> Progress:
     )
 
 
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, parquet/arrow or save_to_disk folder.")
+]
+SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (μ-Bench: test).")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (μ-Bench is pinned).")]
+LimitOpt = Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)]
+# ExtractConfig's fields, shared by `extract` and `interpolate` (and in part `verify --repair`)
+BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.", min=1)]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).", min=0)]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")]
+DtypeOpt = Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")]
+ChunkRowsOpt = Annotated[int, typer.Option(help="Rows per stored chunk (the resume unit).", min=1)]
+IntensityOpt = Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")]
+TemplatesOpt = Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Discard a group extracted differently.")]
+MaxPixelsOpt = Annotated[
+    int, typer.Option(help="Larger images (width x height) are failed rows, checked before decoding.", min=1)
+]
+ClaimTimeoutOpt = Annotated[
+    float, typer.Option(help="Seconds without heartbeat after which another host's chunk claim is taken over.", min=1)
+]
+
+
+def _extract_config(**settings: Any) -> api.ExtractConfig:
+    """The CLI's extraction options as one validated ExtractConfig (`workers` is `num_workers`)."""
+    settings["num_workers"] = settings.pop("workers")
+    templates = settings.pop("templates", None)
+    if templates is not None:
+        settings["templates"] = Path(templates)
+    return api.ExtractConfig(**settings)
+
+
+def _notify(line: str) -> None:
+    err.print(f"note: {line}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
 def extract(
@@ -90,34 +127,40 @@ def extract(
         list[str] | None,
         typer.Option("--model", "-m", help="Model spec; repeat for several. Default: the μ-Bench contrastive models."),
     ] = None,
-    dataset: Annotated[
-        str,
-        typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, parquet/arrow or save_to_disk folder."),
-    ] = api.MUBENCH_ID,
-    split: Annotated[str | None, typer.Option(help="Dataset split (μ-Bench: test).")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (μ-Bench is pinned).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
+    dataset: DatasetOpt = api.MUBENCH_ID,
+    split: SplitOpt = None,
+    revision: RevisionOpt = None,
+    limit: LimitOpt = None,
     store: StoreOpt = api.DEFAULT_STORE,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).", min=0)] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")] = "fp32",
-    dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
-    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the resume unit).", min=1)] = 256,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    dtype: DtypeOpt = "float16",
+    chunk_rows: ChunkRowsOpt = 256,
     features: Annotated[bool, typer.Option(help="Also store pre-projection features.")] = False,
-    intensity: Annotated[str, typer.Option(help="Intensity policy: percentile, minmax, dtype.")] = "percentile",
-    templates: Annotated[Path | None, typer.Option(help="Prompt templates file, one per line with {}.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Discard a group extracted differently.")] = False,
-    max_pixels: Annotated[
-        int, typer.Option(help="Larger images (width x height) are failed rows, checked before decoding.", min=1)
-    ] = api.DEFAULT_MAX_PIXELS,
-    claim_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds without heartbeat after which another host's chunk claim is taken over.", min=1),
-    ] = api.DEFAULT_CLAIM_TIMEOUT,
+    intensity: IntensityOpt = "percentile",
+    templates: TemplatesOpt = None,
+    overwrite: OverwriteOpt = False,
+    max_pixels: MaxPixelsOpt = api.DEFAULT_MAX_PIXELS,
+    claim_timeout: ClaimTimeoutOpt = api.DEFAULT_CLAIM_TIMEOUT,
 ) -> None:
     """Embed a dataset with one or more models into the store (resumable, repairs damage, and
     several processes on one store split the work)."""
+    cfg = _extract_config(
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        features=features,
+        intensity=intensity,
+        templates=templates,
+        overwrite=overwrite,
+        max_pixels=max_pixels,
+        claim_timeout=claim_timeout,
+    )
     models = model or list(api.MUBENCH_MODELS)
     ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit)
     err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}")
@@ -125,39 +168,27 @@ def extract(
         with _progress() as bar:
             task = bar.add_task(spec, total=len(ds))
             report = api.extract(
-                spec,
-                ds,
-                store=store,
-                batch_size=batch_size,
-                num_workers=workers,
-                device=device,
-                precision=precision,
-                dtype=dtype,
-                chunk_rows=chunk_rows,
-                features=features,
-                intensity=intensity,
-                templates=templates,
-                overwrite=overwrite,
-                progress=lambda n, t=task: bar.advance(t, n),
-                max_pixels=max_pixels,
-                claim_timeout=claim_timeout,
-                notify=lambda line: err.print(f"note: {line}", highlight=False, soft_wrap=True),
+                spec, ds, store=store, config=cfg, progress=lambda n, t=task: bar.advance(t, n), notify=_notify
             )
-        for line in report.repaired:
-            err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
-        msg = (
-            f"{spec}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
-            f"{report.texts_encoded} texts encoded"
-        )
-        if report.chunks_by_others:
-            msg += f", {report.chunks_by_others} written by another writer"
-        if report.rows:
-            msg += f", {report.images_per_second:.1f} img/s"
-        out.print(msg, highlight=False)
-        for row, reason in sorted(report.failures.items())[:10]:
-            err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
-        if len(report.failures) > 10:
-            err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
+        _print_report(report)
+
+
+def _print_report(report: Any) -> None:
+    for line in report.repaired:
+        err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
+    msg = (
+        f"{report.model}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
+        f"{report.texts_encoded} texts encoded"
+    )
+    if report.chunks_by_others:
+        msg += f", {report.chunks_by_others} written by another writer"
+    if report.rows:
+        msg += f", {report.images_per_second:.1f} img/s"
+    out.print(msg, highlight=False)
+    for row, reason in sorted(report.failures.items())[:10]:
+        err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
+    if len(report.failures) > 10:
+        err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
 
 
 def _fmt(cell: Any) -> str:
@@ -241,7 +272,7 @@ def evaluate(
         "heads": tuple(head) if head else None,
         "n_boot": bootstrap,
         "ci_method": ci_method,
-        "cs": _floats(probe_cs) if probe_cs else None,
+        "cs": _numbers(probe_cs, "--probe-cs") if probe_cs else None,
         "caption_templates": caption_templates,
         "fine_templates": fine_templates,
         "coarse_templates": coarse_templates,
@@ -256,13 +287,13 @@ def evaluate(
         "protocol": protocol,
         "train_where": tuple(train_where or ()),
         "test_where": tuple(test_where or ()),
-        "shots": _ints(shots),
+        "shots": _ints(shots, "--shots"),
         "fewshot_seeds": fewshot_seeds,
-        "ks": _ints(knn_k),
+        "ks": _ints(knn_k, "--knn-k"),
     }
     overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
     cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
-    results = out_dir or Path("results") / store.name.removesuffix(".zarr")
+    results = out_dir or api.default_results_dir(store)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as bar:
@@ -321,23 +352,25 @@ def _table1(table: Any) -> None:
     out.print(t)
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _numbers(text: str, option: str = "the option") -> tuple[float, ...]:
+    """Comma-separated numbers; anything else is a usage error (exit 2)."""
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UsageError(f"expected comma-separated numbers, got {text!r}") from None
+        values = ()
     if not values:
-        raise UsageError(f"expected comma-separated numbers, got {text!r}")
+        raise UsageError(f"{option} takes comma-separated numbers, not {text!r}")
     return values
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text: str, option: str = "the option") -> tuple[int, ...]:
+    """Comma-separated positive integers; anything else is a usage error (exit 2)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ProbeError(f"expected comma-separated integers, got {text!r}") from None
+        values = ()
     if not values or min(values) < 1:
-        raise ProbeError(f"expected positive integers, got {text!r}")
+        raise UsageError(f"{option} takes comma-separated positive integers, not {text!r}")
     return values
 
 
@@ -349,52 +382,70 @@ def interpolate(
     alphas: Annotated[
         str, typer.Option(help="Comma-separated alphas; weights = (1-a)*base + a*finetuned.")
     ] = "0,0.25,0.5,0.75,1",
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for extract).")] = api.MUBENCH_ID,
-    split: Annotated[str | None, typer.Option(help="Dataset split.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)] = None,
+    dataset: DatasetOpt = api.MUBENCH_ID,
+    split: SplitOpt = None,
+    revision: RevisionOpt = None,
+    limit: LimitOpt = None,
     store: StoreOpt = api.DEFAULT_STORE,
     preprocess: Annotated[
         str | None, typer.Option(help="Whose preprocessing if they differ: base or finetuned.")
     ] = None,
     save_dir: Annotated[Path | None, typer.Option(help="Also save each alpha's weights here (ARCH:/path).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    workers: Annotated[int, typer.Option(min=0)] = 2,
-    device: Annotated[str, typer.Option()] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Discard groups extracted differently.")] = False,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    dtype: DtypeOpt = "float16",
+    chunk_rows: ChunkRowsOpt = 256,
+    intensity: IntensityOpt = "percentile",
+    templates: TemplatesOpt = None,
+    overwrite: OverwriteOpt = False,
+    max_pixels: MaxPixelsOpt = api.DEFAULT_MAX_PIXELS,
+    claim_timeout: ClaimTimeoutOpt = api.DEFAULT_CLAIM_TIMEOUT,
 ) -> None:
     """Extract weight interpolations between a base and a fine-tuned model, one model per alpha."""
-    try:
-        values = [float(a) for a in alphas.split(",") if a.strip()]
-    except ValueError:
-        raise ProbeError(f"--alphas takes comma-separated numbers, not {alphas!r}") from None
+    values = _numbers(alphas, "--alphas")
+    cfg = _extract_config(
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        intensity=intensity,
+        templates=templates,
+        overwrite=overwrite,
+        max_pixels=max_pixels,
+        claim_timeout=claim_timeout,
+    )
     for a in values:
         if not 0 <= a <= 1:
             err.print(f"[yellow]warning:[/] alpha={a:g} is outside [0, 1]: extrapolating", highlight=False)
-    ds = api.open_dataset(dataset, split=split, limit=limit)
     bars = _progress()
     with bars, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
 
-        def bar_for(spec: str):
-            t = bars.add_task(spec, total=len(ds))
+        def bar_for(spec: str, total: int):
+            t = bars.add_task(spec, total=total)
             return lambda n: bars.advance(t, n)
 
         reports = api.interpolate(
             base,
             finetuned,
             values,
-            ds,
+            dataset,
             store=store,
+            config=cfg,
+            split=split,
+            revision=revision,
+            limit=limit,
             preprocess=preprocess,
             save_dir=save_dir,
-            device=device,
-            batch_size=batch_size,
-            num_workers=workers,
-            overwrite=overwrite,
             progress=bar_for,
+            notify=_notify,
         )
     for r in reports:
-        out.print(f"{r.model}: {r.chunks_written} chunks written, {r.chunks_skipped} already done", highlight=False)
+        _print_report(r)
     out.print(f"next: probe evaluate {store} && probe compare {store} --report report.html", highlight=False)
 
 
@@ -573,9 +624,9 @@ def verify(
     repair: Annotated[
         bool, typer.Option(help="Repair what is damaged: reloads each damaged run's model and dataset.")
     ] = False,
-    device: Annotated[str, typer.Option(help="Device for re-extracting damaged chunks.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader workers for re-extraction.", min=0)] = 2,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass when re-extracting.", min=1)] = 64,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = 2,
+    batch_size: BatchOpt = 64,
 ) -> None:
     """Check every chunk (present, checksum) and every digest; `--repair` fixes what it finds."""
     if not repair:
@@ -584,17 +635,12 @@ def verify(
     bars = _progress()
     with bars:
 
-        def bar_for(spec: str):
-            t = bars.add_task(f"repair {spec}", total=None)
+        def bar_for(spec: str, total: int):
+            t = bars.add_task(f"repair {spec}", total=total)
             return lambda n: bars.advance(t, n)
 
         res = api.repair_store(
-            store,
-            device=device,
-            num_workers=workers,
-            batch_size=batch_size,
-            progress=bar_for,
-            notify=lambda line: err.print(f"note: {line}", highlight=False, soft_wrap=True),
+            store, device=device, num_workers=workers, batch_size=batch_size, progress=bar_for, notify=_notify
         )
     for line in res.repaired:
         err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)

@@ -260,7 +260,7 @@ def evaluate_store(
 
 
 def _versions() -> dict[str, str]:
-    from .extraction import package_versions
+    from .config import package_versions
 
     return package_versions()
 

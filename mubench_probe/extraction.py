@@ -13,9 +13,7 @@ other writers hold, taking over those whose writer died (see `claims.py`).
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,28 +25,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, ChunkClaims, ClaimInfo
+from .claims import HOST, ChunkClaims, ClaimInfo
+from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions
 from .datasets import LoadedDataset, slug
 from .encoders import Encoder
-from .errors import ImageDecodeError, UsageError
-from .imaging import DEFAULT_MAX_PIXELS, IntensityPolicy, load_rgb
+from .errors import ImageDecodeError
+from .imaging import IntensityPolicy, get_policy, load_rgb
 from .store import EmbeddingStore, Run, RunLayout
-from .tasks import DEFAULT_TEMPLATES, derive_tasks, prompt_texts, unique_texts
+from .tasks import derive_tasks, prompt_texts, unique_texts
 
 ProgressFn = Callable[[int], None]
 NotifyFn = Callable[[str], None]
 WAIT_POLL_S = 0.25  # how often a writer looks again at chunks other writers hold
-PACKAGES = ("mubench-probe", "torch", "open_clip_torch", "timm", "zarr", "numpy", "datasets", "pillow")
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 class ImageRows(Dataset):
@@ -174,30 +162,13 @@ def plan_texts(ds: LoadedDataset, templates: Sequence[str]) -> tuple[list[str], 
     return texts, plan
 
 
-def prepare(
-    store: EmbeddingStore,
-    encoder: Encoder,
-    ds: LoadedDataset,
-    *,
-    policy: IntensityPolicy,
-    chunk_rows: int = 256,
-    dtype: str = "float16",
-    features: bool = False,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-    overwrite: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Run:
+def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: ExtractConfig) -> Run:
     """Create or reopen (and repair) the run group for (encoder, dataset) with full provenance.
 
     `max_pixels` is provenance and identity: it does not change any image under the limit, but
     rows over it are failed rows, so runs made with different limits must not be mixed.
     """
-    if chunk_rows < 1:
-        raise UsageError("--chunk-rows must be at least 1")
-    if dtype not in ("float16", "float32"):
-        raise UsageError("--dtype must be float16 or float32")
-    if max_pixels < 1:
-        raise UsageError("--max-pixels must be at least 1")
+    templates, max_pixels, policy = config.templates, config.max_pixels, get_policy(config.intensity)
     info = encoder.info
     texts, plan = plan_texts(ds, templates) if encoder.has_text else ([], {})
     index = {t: i for i, t in enumerate(texts)}
@@ -222,11 +193,10 @@ def prepare(
         "split": ds.split,
         "versions": package_versions(),
     }
-    layout = RunLayout(
-        len(ds), info.embed_dim, chunk_rows, dtype, (info.feature_dim or info.embed_dim) if features else None
-    )
+    feature_dim = (info.feature_dim or info.embed_dim) if config.features else None
+    layout = RunLayout(len(ds), info.embed_dim, config.chunk_rows, config.dtype, feature_dim)
     path = f"{slug(info.spec)}/{ds.key}/{slug(ds.split)}"
-    return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, overwrite)
+    return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, config.overwrite)
 
 
 @contextmanager
@@ -366,26 +336,24 @@ def run_extraction(
     run: Run,
     encoder: Encoder,
     ds: LoadedDataset,
+    config: ExtractConfig,
     *,
-    policy: IntensityPolicy,
-    batch_size: int = 64,
-    num_workers: int = 2,
     text_batch_size: int = 256,
     progress: ProgressFn | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     claims: ChunkClaims | None = None,
-    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
     notify: NotifyFn | None = None,
 ) -> ExtractReport:
     """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point,
     and safe to run in several processes at once: they split the chunks through claims."""
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if claim_timeout <= 0:
-        raise UsageError("--claim-timeout must be positive")
+    policy, batch_size, num_workers, max_pixels = (
+        get_policy(config.intensity),
+        config.batch_size,
+        config.num_workers,
+        config.max_pixels,
+    )
     t0 = time.perf_counter()
     layout = run.layout
-    claims = claims or run.claims(claim_timeout)
+    claims = claims or run.claims(config.claim_timeout)
     texts_encoded = 0
 
     def encode_texts() -> None:

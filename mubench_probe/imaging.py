@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .config import DEFAULT_MAX_PIXELS
 from .errors import ImageDecodeError, UsageError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
 BYTES_PER_PIXEL = 8  # decoded-size budget per allowed pixel: e.g. 4 channels of uint16, or 2 of float32
 
 
@@ -222,8 +222,6 @@ _POLICIES: dict[str, tuple[str, Callable[[IntensityPolicy, np.ndarray], np.ndarr
         _dtype_range,
     ),
 }
-
-POLICY_NAMES = tuple(_POLICIES)
 
 
 def get_policy(name: str) -> IntensityPolicy:

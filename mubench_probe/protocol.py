@@ -21,59 +21,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from .config import PROBE_HEADS, EvalConfig, parse_where
 from .errors import ProbeError, UsageError
 from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
-from .heads.knn import DEFAULT_KS, TEMPERATURE
-from .heads.linear import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C
 from .heads.metrics import (
-    CI_METHODS,
-    DEFAULT_BOOTSTRAP,
     Estimate,
     classification_metrics,
     modality_gap,
     paired_difference,
 )
 from .heads.retrieval import caption_retrieval
-from .tasks import COARSE_ATTRIBUTES, COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
+from .tasks import COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
 
-HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval")
-PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
-PROTOCOLS = ("kfold", "split", "transfer")
-TEMPLATE_CHOICES = ("both", "0", "1")
-STRATA = ("dataset", *COARSE_ATTRIBUTES)
-TRAIN_SPLITS = ("train", "val", "valid", "validation")
 # Errors a head raises on data it cannot handle (too few rows, degenerate classes, ...): they
 # become a note and a skipped head, never a traceback.
 HEAD_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, ProbeError)
-
-# μ-Bench's Table 1, as far as the paper, its released scripts and its CI widths tell:
-MUBENCH_TABLE1 = {
-    "heads": ("zs_caption",),
-    "fine_templates": "1",  # the released evaluation script scores one classification template
-    "coarse_templates": "both",  # coarse: both sentence templates, all datasets
-    "fine_exclude_datasets": ("eulenberg_et_al_2017_darkfield", "eulenberg_et_al_2017_epifluorescence"),
-    "pooling": "micro",
-    "ci_method": "basic",  # scipy.stats.bootstrap(method="basic")
-    "n_boot": 9999,
-}
-PRESETS: dict[str, dict[str, Any]] = {"mubench-table1": MUBENCH_TABLE1}
-
-
-def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """COLUMN=VALUE conditions -> {column: values}; values of one column are alternatives."""
-    out: dict[str, tuple[str, ...]] = {}
-    for cond in conditions:
-        col, sep, val = cond.partition("=")
-        if not sep or not col.strip():
-            raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
-        out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
-    return out
+TRAIN_SPLITS = ("train", "val", "valid", "validation")
 
 
 def where_mask(meta: pd.DataFrame, conditions: Sequence[str]) -> np.ndarray:
@@ -84,77 +52,6 @@ def where_mask(meta: pd.DataFrame, conditions: Sequence[str]) -> np.ndarray:
             raise UsageError(f"no metadata column {col!r} (have: {', '.join(map(str, meta.columns))})")
         mask &= meta[col].astype(str).isin(values).to_numpy()
     return mask
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything that changes a number; its hash keys the results cache. Validated on creation."""
-
-    heads: tuple[str, ...] = HEADS
-    folds: int = 5
-    seed: int = 0
-    protocol: str = "kfold"  # kfold | split (the `split` column) | transfer (train_where / test_where)
-    train_where: tuple[str, ...] = ()
-    test_where: tuple[str, ...] = ()
-    ks: tuple[int, ...] = DEFAULT_KS
-    temperature: float = TEMPERATURE
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    fewshot_seeds: int = 5
-    n_boot: int = DEFAULT_BOOTSTRAP
-    ci_method: str = "percentile"  # or "basic"
-    cs: tuple[float, ...] = DEFAULT_CS
-    patience: int = DEFAULT_PATIENCE
-    fallback_c: float = FALLBACK_C
-    caption_templates: str = "both"  # both, 0 (first template) or 1 (second), for both groups ...
-    fine_templates: str | None = None  # ... unless overridden per group
-    coarse_templates: str | None = None
-    pooling: str = "micro"  # pooled accuracy over all answers, or "macro": mean over caption keys
-    exclude_datasets: tuple[str, ...] = ()  # left out of both caption groups ...
-    fine_exclude_datasets: tuple[str, ...] = ()  # ... or of one group only
-    coarse_exclude_datasets: tuple[str, ...] = ()
-    strata: tuple[str, ...] = STRATA
-
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.heads) - set(HEADS))
-        if bad or not self.heads:
-            raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")
-        if self.protocol not in PROTOCOLS:
-            raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
-        if (self.protocol == "transfer") != bool(self.train_where and self.test_where):
-            raise UsageError("--protocol transfer needs --train-where and --test-where (and they need it)")
-        parse_where((*self.train_where, *self.test_where))
-        for name in ("caption_templates", "fine_templates", "coarse_templates"):
-            value = getattr(self, name)
-            if value is not None and value not in TEMPLATE_CHOICES:
-                raise UsageError(f"{name.replace('_', '-')} must be both, 0 or 1, not {value!r}")
-        if self.pooling not in ("micro", "macro"):
-            raise UsageError(f"pooling must be micro or macro, not {self.pooling!r}")
-        if self.ci_method not in CI_METHODS:
-            raise UsageError(f"CI method must be one of {', '.join(CI_METHODS)}, not {self.ci_method!r}")
-        if self.folds < 2 or self.fewshot_seeds < 1 or self.n_boot < 0 or self.patience < 1:
-            raise UsageError("folds must be >= 2, few-shot seeds and patience >= 1, bootstrap >= 0")
-        if not self.ks or min(self.ks) < 1 or (self.shots and min(self.shots) < 1):
-            raise UsageError("kNN k values and few-shot shots must be positive integers")
-        if not self.cs or min(self.cs) <= 0 or list(self.cs) != sorted(self.cs):
-            raise UsageError("the probe's C grid must be positive and increasing")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> EvalConfig:
-        """A named configuration (see PRESETS); explicit overrides win."""
-        if name not in PRESETS:
-            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
-
-    def templates_for(self, group: str) -> str:
-        own = self.fine_templates if group == "fine" else self.coarse_templates
-        return own or self.caption_templates
-
-    def excluded_for(self, group: str) -> tuple[str, ...]:
-        own = self.fine_exclude_datasets if group == "fine" else self.coarse_exclude_datasets
-        return (*self.exclude_datasets, *own)
 
 
 @dataclass

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ZS_HEADS = ("zs_prompt", "zs_caption")
-
 
 def _plt():
     import matplotlib

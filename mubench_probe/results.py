@@ -67,11 +67,3 @@ class ResultsDir:
         _replace(self.path / "results.csv", lambda p: table.to_csv(p, index=False))
         _replace(self.predictions_path, lambda p: preds.reset_index(drop=True).to_parquet(p, index=False))
         _replace(self.path / "run.json", lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
-
-
-def load_results(path: str | Path) -> pd.DataFrame:
-    """The long-format results table of a results folder (or a .parquet / .csv file)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.parquet"
-    return pd.read_csv(p) if p.suffix == ".csv" else pd.read_parquet(p)

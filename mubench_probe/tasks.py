@@ -8,26 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from .errors import UsageError
 
 COARSE_ATTRIBUTES = ("domain", "subdomain", "modality", "submodality", "stain")
 # μ-Bench caption keys per task group; "_1" keys are the second template.
 COARSE_CAPTION_KEYS = tuple(k for a in COARSE_ATTRIBUTES for k in (a, f"{a}_1"))
 FINE_CAPTION_KEYS = ("classification_0", "classification_1")
-
-DEFAULT_TEMPLATES = (
-    "a microscopy image of {}.",
-    "a micrograph of {}.",
-    "a microscopy image showing {}.",
-    "an image of {} under the microscope.",
-    "a photomicrograph of {}.",
-    "a high-magnification microscopy image of {}.",
-)
 
 
 @dataclass(frozen=True)
@@ -75,21 +63,6 @@ def derive_tasks(meta: pd.DataFrame, min_classes: int = 2) -> list[Task]:
 def class_text(name: str) -> str:
     """Class names as prompts read them: underscores become spaces."""
     return name.replace("_", " ").strip()
-
-
-def read_templates(path: str | Path | None) -> tuple[str, ...]:
-    """One template per line with a `{}` for the class name; blank lines and # comments skipped."""
-    if path is None:
-        return DEFAULT_TEMPLATES
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"templates file {p} does not exist")
-    lines = [ln.strip() for ln in p.read_text().splitlines()]
-    out = tuple(ln for ln in lines if ln and not ln.startswith("#"))
-    bad = [t for t in out if "{}" not in t]
-    if not out or bad:
-        raise UsageError(f"{p}: every template needs a '{{}}' for the class name (bad: {bad[:3]})")
-    return out
 
 
 def prompt_texts(classes: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

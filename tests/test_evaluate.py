@@ -180,7 +180,7 @@ def test_cli_evaluate(tiny_store, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", str(tiny_store), "--head", "bogus"])
     assert r.exit_code == 2 and "unknown head" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tiny_store), "--shots", "a,b"])
-    assert r.exit_code == 1 and "comma-separated" in r.output
+    assert r.exit_code == 2 and "comma-separated" in r.output
 
 
 def test_parallel_jobs_give_the_same_numbers(tmp_path):

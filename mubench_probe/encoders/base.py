@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import NotApplicableError, UsageError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,9 +65,6 @@ class EncoderInfo:
     context_length: int | None = None
     feature_dim: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class Encoder(ABC):
     """An image (and maybe text) encoder that runs batches on one device."""
@@ -99,4 +96,4 @@ class Encoder(ABC):
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embed texts (raw projector output, float32); image-only encoders raise."""
-        raise NotImplementedError(f"{self.info.spec} has no text encoder")
+        raise NotApplicableError(f"{self.info.spec} is image-only: it has no text encoder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+from abc import abstractmethod
 
 import torch
 from torchvision import transforms as T
@@ -40,8 +41,9 @@ class _PooledEncoder(Encoder):
             preprocess=repr(self.transform),
         )
 
+    @abstractmethod
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Pooled image features (N, D): the backbone's output that is stored as the embedding."""
 
     def _images(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = self._pool(x)

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from ..config import DEFAULT_KS, TEMPERATURE
 from .scoring import top_k
-
-DEFAULT_KS = (1, 5, 10, 20)
-TEMPERATURE = 0.07
 
 
 def search(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

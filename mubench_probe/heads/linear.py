@@ -43,15 +43,10 @@ from scipy.optimize import minimize
 from scipy.special import log_expit, logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-DEFAULT_CS = tuple(float(c) for c in np.logspace(-2, 4, 13))
+from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C
+
 DEFAULT_TOL = 1e-7
 DEFAULT_MAX_ITER = 1000
-DEFAULT_PATIENCE = 2
-# With one example per class nothing can be held out. Measured on hard cone data
-# (benchmarks/evaluate_speed.py --one-shot), 1-shot accuracy is flat in C up to ~1 and within
-# noise of the prototype head there: the strongly regularised solution is the centred class
-# prototype. Larger C only adds variance, so the fallback is the middle of that flat range.
-FALLBACK_C = 0.1
 
 
 def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_BOOTSTRAP = 1000
+from ..config import DEFAULT_BOOTSTRAP
+
 DEFAULT_SEED = 0
-CI_METHODS = ("percentile", "basic")
 _BLOCK_CELLS = 2_000_000  # resample indices drawn at a time (16 MB)
 
 

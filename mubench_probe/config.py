@@ -1,0 +1,239 @@
+"""The two configurations: what `extract` and `evaluate` do, validated once, on creation.
+
+Light on purpose (no torch, no scikit-learn): the CLI builds these for `--help` and for commands
+that never load a model, and `probe info` / `probe evaluate --help` start in well under 2 s.
+`ExtractConfig` is shared by `probe extract`, `probe interpolate`, `probe verify --repair` and the
+Python API; `EvalConfig` hashes into the results cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+# ---- defaults shared with the heads (kept here so that reading them imports nothing heavy) --------
+DEFAULT_KS = (1, 5, 10, 20)
+TEMPERATURE = 0.07
+DEFAULT_CS = tuple(float(10.0**e) for e in (-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4))
+DEFAULT_PATIENCE = 2
+# With one example per class nothing can be held out. Measured on hard cone data
+# (benchmarks/evaluate_speed.py --one-shot), 1-shot accuracy is flat in C up to ~1, where the
+# strongly regularised solution is the centred class prototype, and falls slightly beyond.
+FALLBACK_C = 0.1
+DEFAULT_BOOTSTRAP = 1000
+CI_METHODS = ("percentile", "basic")
+
+HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval")
+PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
+PROTOCOLS = ("kfold", "split", "transfer")
+TEMPLATE_CHOICES = ("both", "0", "1")
+STRATA = ("dataset", "domain", "subdomain", "modality", "submodality", "stain")
+
+# μ-Bench's Table 1, as far as the paper, its released scripts and its CI widths tell:
+MUBENCH_TABLE1 = {
+    "heads": ("zs_caption",),
+    "fine_templates": "1",  # the released evaluation script scores one classification template
+    "coarse_templates": "both",  # coarse: both sentence templates, all datasets
+    "fine_exclude_datasets": ("eulenberg_et_al_2017_darkfield", "eulenberg_et_al_2017_epifluorescence"),
+    "pooling": "micro",
+    "ci_method": "basic",  # scipy.stats.bootstrap(method="basic")
+    "n_boot": 9999,
+}
+PRESETS: dict[str, dict[str, Any]] = {"mubench-table1": MUBENCH_TABLE1}
+
+# ---- extraction defaults ------------------------------------------------------------------------
+DEFAULT_TEMPLATES = (
+    "a microscopy image of {}.",
+    "a micrograph of {}.",
+    "a microscopy image showing {}.",
+    "an image of {} under the microscope.",
+    "a photomicrograph of {}.",
+    "a high-magnification microscopy image of {}.",
+)
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = ("float16", "float32")
+INTENSITY_POLICIES = ("percentile", "minmax", "dtype")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+DEFAULT_CLAIM_TIMEOUT = 300.0
+
+
+PACKAGES = ("mubench-probe", "torch", "open_clip_torch", "timm", "zarr", "numpy", "datasets", "pillow", "scikit-learn")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded with every store run and results folder (read from metadata: imports nothing)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """COLUMN=VALUE conditions -> {column: values}; values of one column are alternatives."""
+    out: dict[str, tuple[str, ...]] = {}
+    for cond in conditions:
+        col, sep, val = cond.partition("=")
+        if not sep or not col.strip():
+            raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
+        out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
+    return out
+
+
+def read_templates(path: str | Path | None) -> tuple[str, ...]:
+    """One template per line with a `{}` for the class name; blank lines and # comments skipped."""
+    if path is None:
+        return DEFAULT_TEMPLATES
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"templates file {p} does not exist")
+    lines = [ln.strip() for ln in p.read_text().splitlines()]
+    return check_templates(tuple(ln for ln in lines if ln and not ln.startswith("#")), str(p))
+
+
+def check_templates(templates: Sequence[str], where: str = "templates") -> tuple[str, ...]:
+    out = tuple(templates)
+    bad = [t for t in out if "{}" not in t]
+    if not out or bad:
+        raise UsageError(f"{where}: every template needs a '{{}}' for the class name (bad: {bad[:3]})")
+    return out
+
+
+class _Config:
+    """Shared behaviour: a validated, frozen record that can be copied with changes."""
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (validated again); unknown names are a usage error."""
+        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise UsageError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class ExtractConfig(_Config):
+    """How `probe extract` (and interpolate, and repair) turns images into stored embeddings.
+
+    Everything but the model and the dataset: forward-pass settings (batch, workers, device,
+    precision), what is stored (dtype, chunk size, pre-projection features), how raw intensities
+    become RGB (`intensity`, `max_pixels`), which class prompts are embedded (`templates`),
+    and how concurrent writers coordinate (`claim_timeout`).
+    """
+
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str | None = None  # None / "auto": cuda, then mps, then cpu
+    precision: str = "fp32"
+    dtype: str = "float16"
+    chunk_rows: int = 256
+    features: bool = False
+    intensity: str = "percentile"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.templates, str | Path):  # a templates file
+            object.__setattr__(self, "templates", read_templates(self.templates))
+        else:
+            object.__setattr__(self, "templates", check_templates(self.templates))
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.num_workers < 0:
+            raise UsageError("--workers must be 0 or more")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}")
+        if self.chunk_rows < 1:
+            raise UsageError("--chunk-rows must be at least 1")
+        if self.intensity not in INTENSITY_POLICIES:
+            raise UsageError(
+                f"unknown intensity policy {self.intensity!r}; choose one of {', '.join(INTENSITY_POLICIES)}"
+            )
+        if self.max_pixels < 1:
+            raise UsageError("--max-pixels must be at least 1")
+        if self.claim_timeout <= 0:
+            raise UsageError("--claim-timeout must be positive")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Config):
+    """Everything that changes a number; its hash keys the results cache. Validated on creation."""
+
+    heads: tuple[str, ...] = HEADS
+    folds: int = 5
+    seed: int = 0
+    protocol: str = "kfold"  # kfold | split (the `split` column) | transfer (train_where / test_where)
+    train_where: tuple[str, ...] = ()
+    test_where: tuple[str, ...] = ()
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = TEMPERATURE
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    fewshot_seeds: int = 5
+    n_boot: int = DEFAULT_BOOTSTRAP
+    ci_method: str = "percentile"  # or "basic"
+    cs: tuple[float, ...] = DEFAULT_CS
+    patience: int = DEFAULT_PATIENCE
+    fallback_c: float = FALLBACK_C
+    caption_templates: str = "both"  # both, 0 (first template) or 1 (second), for both groups ...
+    fine_templates: str | None = None  # ... unless overridden per group
+    coarse_templates: str | None = None
+    pooling: str = "micro"  # pooled accuracy over all answers, or "macro": mean over caption keys
+    exclude_datasets: tuple[str, ...] = ()  # left out of both caption groups ...
+    fine_exclude_datasets: tuple[str, ...] = ()  # ... or of one group only
+    coarse_exclude_datasets: tuple[str, ...] = ()
+    strata: tuple[str, ...] = STRATA
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.heads) - set(HEADS))
+        if bad or not self.heads:
+            raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if (self.protocol == "transfer") != bool(self.train_where and self.test_where):
+            raise UsageError("--protocol transfer needs --train-where and --test-where (and they need it)")
+        parse_where((*self.train_where, *self.test_where))
+        for name in ("caption_templates", "fine_templates", "coarse_templates"):
+            value = getattr(self, name)
+            if value is not None and value not in TEMPLATE_CHOICES:
+                raise UsageError(f"{name.replace('_', '-')} must be both, 0 or 1, not {value!r}")
+        if self.pooling not in ("micro", "macro"):
+            raise UsageError(f"pooling must be micro or macro, not {self.pooling!r}")
+        if self.ci_method not in CI_METHODS:
+            raise UsageError(f"CI method must be one of {', '.join(CI_METHODS)}, not {self.ci_method!r}")
+        if self.folds < 2 or self.fewshot_seeds < 1 or self.n_boot < 0 or self.patience < 1:
+            raise UsageError("folds must be >= 2, few-shot seeds and patience >= 1, bootstrap >= 0")
+        if not self.ks or min(self.ks) < 1 or (self.shots and min(self.shots) < 1):
+            raise UsageError("kNN k values and few-shot shots must be positive integers")
+        if not self.cs or min(self.cs) <= 0 or list(self.cs) != sorted(self.cs):
+            raise UsageError("the probe's C grid must be positive and increasing")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> EvalConfig:
+        """A named configuration (see PRESETS); explicit overrides win."""
+        if name not in PRESETS:
+            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def templates_for(self, group: str) -> str:
+        own = self.fine_templates if group == "fine" else self.coarse_templates
+        return own or self.caption_templates
+
+    def excluded_for(self, group: str) -> tuple[str, ...]:
+        own = self.fine_exclude_datasets if group == "fine" else self.coarse_exclude_datasets
+        return (*self.exclude_datasets, *own)
