@@ -324,19 +324,6 @@ class CompareResult:
     text_cka: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def _text_prototypes(run: Any) -> np.ndarray:
-    """Class-prompt ensemble vectors of every task, stacked (rows = classes, in a fixed order)."""
-    from .heads.zeroshot import ensemble_weights, template_indices
-    from .tasks import prompt_texts
-
-    plan, texts, emb = run.prompts(), run.texts(), run.text_embeddings()
-    rows = [
-        ensemble_weights(emb[template_indices(texts, prompt_texts(classes, plan["templates"]))])
-        for _, classes in sorted(plan.get("tasks", {}).items())
-    ]
-    return np.concatenate(rows) if rows else np.zeros((0, emb.shape[1]), np.float32)
-
-
 def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
     src = Path(source)
@@ -357,10 +344,15 @@ def compare(
     report: str | Path | None = None,
     k: int = 10,
     n_boot: int = 1000,
+    color_by: Sequence[str] = ("label_name",),
 ) -> CompareResult:
-    """Models side by side with CIs, paired tests, CKA / mutual-kNN, and optionally an HTML report."""
+    """Models side by side with CIs, paired tests, CKA / mutual-kNN, and optionally an HTML report.
+
+    The embedding maps of the report are coloured by each column of `color_by` (label_name,
+    dataset, modality, stain, ...): clusters by source dataset are often what there is to see.
+    """
     from . import report as rep
-    from .comparison import pairwise_tests, side_by_side, similarity_matrices
+    from .comparison import pairwise_tests, side_by_side, similarity_matrices, text_prototypes
 
     table, preds, store_path = _results_and_store(source, models)
     if models:
@@ -368,57 +360,32 @@ def compare(
     side = side_by_side(table)
     pairs = pairwise_tests(preds, n_boot=n_boot)
     embeddings: dict[str, np.ndarray] = {}
-    labels: dict[str, list[str]] = {}
+    meta = pd.DataFrame()
+    group: list = []
     if (store_path / "zarr.json").exists():
         runs = [r for r in EmbeddingStore(store_path).runs() if not models or r.model_spec in models]
         by_dataset: dict[str, list] = {}
         for r in runs:
-            by_dataset.setdefault(r.path.split("/")[1], []).append(r)
+            if r.complete:
+                by_dataset.setdefault(r.path.split("/")[1], []).append(r)
         group = max(by_dataset.values(), key=len) if by_dataset else []
-        if group:
+        if group:  # the same rows of one dataset for every model
             valid = np.logical_and.reduce([r.valid_mask() for r in group])
-            for r in group:
-                embeddings[r.model_spec] = r.image_embeddings()[valid]
-                labels[r.model_spec] = list(r.meta()["label_name"].astype(str).to_numpy()[valid])
+            embeddings = {r.model_spec: r.image_embeddings()[valid] for r in group}
+            meta = group[0].meta()[valid].reset_index(drop=True)
+            missing = [c for c in color_by if c not in meta.columns]
+            if missing:
+                raise UsageError(f"--color-by {missing}: no such metadata column (have: {', '.join(meta.columns)})")
     cka, mknn = similarity_matrices(embeddings, k) if len(embeddings) > 1 else (pd.DataFrame(), pd.DataFrame())
-    prototypes = {r.model_spec: _text_prototypes(r) for r in (group if embeddings else []) if r.has_text}
+    prototypes = {
+        r.model_spec: text_prototypes(r.prompts(), r.texts(), r.text_embeddings()) for r in group if r.has_text
+    }
     text_cka = similarity_matrices(prototypes, k=0)[0] if len(prototypes) > 1 else pd.DataFrame()
     result = CompareResult(side, pairs, cka, mknn, text_cka=text_cka)
     if report is not None:
-        out = Path(report)
-        figdir = out.with_name(out.stem + "_figures")
-        figdir.mkdir(parents=True, exist_ok=True)
-        figs = [
-            rep.perception_vs_alignment(table, figdir / "zs_vs_lp.png"),
-            rep.heatmap(table, figdir / "heatmap.png"),
-            rep.matrix_plot(cka, "linear CKA of image embeddings", figdir / "cka.png"),
-            rep.matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
-            rep.matrix_plot(text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
-            rep.alpha_curve(table, figdir / "alpha_curve.png"),
-        ]
-        for i, (m, x) in enumerate(embeddings.items()):
-            figs.append(rep.embedding_map(x, labels[m], m, figdir / f"map_{i}.png"))
-        result.figures = [f for f in figs if f is not None]
-        sections: list = [("Perception vs. alignment", figdir / "zs_vs_lp.png")]
-        sections += [
-            (title, p)
-            for title, p in (
-                ("Models x tasks", figdir / "heatmap.png"),
-                ("Representation similarity: CKA", figdir / "cka.png"),
-                ("Representation similarity: mutual kNN", figdir / "mutual_knn.png"),
-                ("Text prototypes: CKA", figdir / "text_cka.png"),
-                ("Weight interpolation: accuracy vs alpha", figdir / "alpha_curve.png"),
-            )
-            if p in result.figures
-        ]
-        sections += [(f"Image embeddings: {m}", figdir / f"map_{i}.png") for i, m in enumerate(embeddings)]
-        sections += [
-            ("Accuracy side by side (value, 95% CI)", side),
-            ("Paired differences (bootstrap CI) and McNemar tests", pairs),
-        ]
-        if sections[0][1] not in result.figures:
-            sections = sections[1:]
-        result.report = rep.write_html(out, f"mubench_probe comparison: {source}", sections)
+        result.report, result.figures = rep.build_report(
+            Path(report), f"mubench_probe comparison: {source}", table, result, embeddings, meta, color_by, k
+        )
     return result
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -67,10 +68,66 @@ def friendly(fn: F) -> F:
 class RateColumn(ProgressColumn):
     def render(self, task: Any) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} img/s" if speed else "– img/s", style="cyan")
+        return Text(f"{speed:,.1f} {task.fields.get('unit', 'img')}/s" if speed else "–/s", style="cyan")
 
 
-def _progress() -> Progress:
+class LineProgress:
+    """Progress for logs (stderr not a terminal): one plain line per task every `every` seconds.
+
+    A live bar prints nothing until the run ends when redirected; these lines say how far a
+    long run is (rows, rate, ETA) in a job's log file. Same calls as rich's Progress.
+    """
+
+    def __init__(self, every: float = 30.0, unit: str = "img") -> None:
+        self.every, self.unit = every, unit
+        self.tasks: dict[int, dict[str, Any]] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tid in self.tasks:
+            self._line(tid, final=True)
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        tid = len(self.tasks)
+        now = time.monotonic()
+        self.tasks[tid] = {"description": description, "total": total, "done": 0.0, "t0": now, "last": now}
+        return tid
+
+    def advance(self, tid: int, n: float) -> None:
+        self.update(tid, completed=self.tasks[tid]["done"] + n)
+
+    def update(self, tid: int, completed: float | None = None, total: float | None = None, description=None) -> None:
+        task = self.tasks[tid]
+        if completed is not None:
+            task["done"] = completed
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        if time.monotonic() - task["last"] >= self.every:
+            self._line(tid)
+
+    def _line(self, tid: int, final: bool = False) -> None:
+        task = self.tasks[tid]
+        task["last"] = now = time.monotonic()
+        elapsed = max(now - task["t0"], 1e-9)
+        rate = task["done"] / elapsed
+        total = task["total"]
+        parts = [f"{task['description']}: {task['done']:,.0f}" + (f"/{total:,.0f}" if total else "")]
+        if total:
+            parts.append(f"({100 * task['done'] / total:.0f}%)")
+        parts.append(f"{rate:,.1f} {self.unit}/s, {elapsed:,.0f} s elapsed")
+        if total and rate > 0 and not final:
+            parts.append(f"ETA {(total - task['done']) / rate:,.0f} s")
+        err.print(" ".join(parts) + (" (done)" if final else ""), highlight=False, soft_wrap=True)
+
+
+def _progress(unit: str = "img") -> Progress | LineProgress:
+    """A live bar on a terminal; periodic plain lines when stderr goes to a file or pipe."""
+    if not err.is_terminal:
+        return LineProgress(unit=unit)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -81,6 +138,48 @@ def _progress() -> Progress:
         console=err,
         transient=False,
     )
+
+
+FORMATS = ("table", "csv", "json")
+FormatOpt = Annotated[str, typer.Option("--format", help="Output: table, csv or json.")]
+
+
+def _check_format(fmt: str, as_json: bool = False) -> str:
+    fmt = "json" if as_json else fmt
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return fmt
+
+
+def _print_wide(renderable: Any) -> None:
+    """Print at the width the renderable needs: cells are never wrapped, in a terminal or in a log."""
+    natural = Console(width=100_000).measure(renderable).maximum  # measured without a width limit
+    Console(width=max(natural, 40), file=out.file, highlight=False).print(renderable)
+
+
+def _emit(records: list[dict[str, Any]], fmt: str, title: str = "") -> None:
+    """Records as a table (one line per record), CSV or JSON on stdout."""
+    if fmt == "json":
+        typer.echo(json.dumps(records, default=str, indent=2))
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        typer.echo(pd.DataFrame(records).to_csv(index=False), nl=False)
+        return
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    table = Table(title=title or None, title_justify="left")
+    for c in columns:
+        table.add_column(str(c), no_wrap=True)
+    for r in records:
+        table.add_row(*[_cell(r.get(c)) for c in columns])
+    _print_wide(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "–"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 DatasetOpt = Annotated[
@@ -198,10 +297,10 @@ def _fmt(cell: Any) -> str:
     if lo != lo:  # no CI (NaN)
         return f"{value:.3f}"
 
-    def short(v: float) -> str:  # 0.29 -> .29, -0.05 -> -.05: keeps CIs readable in 80 columns
+    def short(v: float) -> str:  # 0.29 -> .29, -0.05 -> -.05: keeps the CI short on one line
         return f"{v:.2f}".replace("0.", ".", 1)
 
-    return f"{value:.3f}\n{short(lo)}–{short(hi)}"
+    return f"{value:.3f} [{short(lo)}, {short(hi)}]"
 
 
 @app.command()
@@ -266,6 +365,7 @@ def evaluate(
     ] = None,
     jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
     force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
     given = {
@@ -294,9 +394,8 @@ def evaluate(
     overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
     cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
     results = out_dir or api.default_results_dir(store)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    ) as bar:
+    fmt = _check_format(fmt)
+    with _progress(unit="units") as bar:
         units = bar.add_task("evaluate", total=None)
 
         def tick(unit: Any, done: int, total: int) -> None:
@@ -314,28 +413,44 @@ def evaluate(
             progress=tick,
         )
     summ = api.summary(res.table)
-    for model_name, rows in summ.groupby("model", sort=True) if len(summ) else []:
+    if fmt != "table":
+        _emit(_flat_summary(summ), fmt)
+    for model_name, rows in summ.groupby("model", sort=True) if len(summ) and fmt == "table" else []:
         retrieval = rows["task"].str.startswith("retrieval/")
-        for part, title in ((rows[~retrieval], "value, 95% CI"), (rows[retrieval], "retrieval")):
+        for part, title in ((rows[~retrieval], "value [95% CI]"), (rows[retrieval], "retrieval")):
             cols = [c for c in part.columns if c not in ("model", "task") and part[c].notna().any()]
             if part.empty or not cols:
                 continue
             table = Table(title=f"{model_name}  ({title})", title_justify="left")
             table.add_column("task", no_wrap=True)
             for c in cols:
-                table.add_column(c, justify="right")
+                table.add_column(c, justify="right", no_wrap=True)
             for _, r in part.iterrows():
                 table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
-            out.print(table)
-    _table1(res.table)
+            _print_wide(table)
+    if fmt == "table":
+        _table1(res.table)
     for note in sorted(set(res.notes)):
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    out.print(
+    err.print(
         f"{res.computed} units computed, {res.skipped} already in {results}; "
         f"results.parquet, results.csv, predictions.parquet, run.json",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _flat_summary(summ: Any) -> list[dict[str, Any]]:
+    """The summary with each (value, low, high) cell as three columns, for CSV and JSON."""
+    records = []
+    for _, r in summ.iterrows():
+        rec: dict[str, Any] = {"model": r["model"], "task": r["task"]}
+        for col in summ.columns[2:]:
+            value = r[col]
+            ok = isinstance(value, tuple)
+            rec[col], rec[f"{col} low"], rec[f"{col} high"] = value if ok else (None, None, None)
+        records.append(rec)
+    return records
 
 
 def _table1(table: Any) -> None:
@@ -349,7 +464,7 @@ def _table1(table: Any) -> None:
     for _, r in rows.iterrows():
         cells = [f"{100 * r[g]:.2f} ± {100 * r[g + '_ci']:.2f}" if r[g] == r[g] else "–" for g in ("coarse", "fine")]
         t.add_row(str(r["model"]), *cells)
-    out.print(t)
+    _print_wide(t)
 
 
 def _numbers(text: str, option: str = "the option") -> tuple[float, ...]:
@@ -454,40 +569,42 @@ def interpolate(
 def info(
     store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
     verify: Annotated[bool, typer.Option(help="Read every chunk and check its checksum.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Models, datasets, rows, completeness, provenance and size of a store."""
+    fmt = _check_format(fmt, as_json)
     summary = api.store_info(store, verify=verify)
-    if as_json:
-        out.print_json(json.dumps(summary, default=str))
+    if fmt == "json":
+        typer.echo(json.dumps(summary, default=str, indent=2))
     else:
-        table = Table(title=f"{store}  ({summary['size_bytes'] / 1e6:.1f} MB)")
-        for col in ("model", "dataset", "split", "rows", "chunks", "texts", "failed", "status", "MB"):
-            table.add_column(col, overflow="fold")
-        for r in summary["runs"]:
-            table.add_row(
-                str(r["model"] or r["group"]),
-                str(r["dataset"]),
-                r["split"],
-                str(r["rows"]),
-                r["chunks_done"],
-                str(r["texts"]),
-                str(r["failed_rows"]),
-                r["status"],
-                f"{r['size_bytes'] / 1e6:.2f}",
-            )
-        out.print(table)
-        for r in summary["runs"]:
-            p = r["provenance"]
-            out.print(
-                f"[bold]{r['group']}[/]: weights {str(p.get('weights_hash'))[:12]}, "
-                f"dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
-                f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}, created {p.get('created')}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            out.print(f"  model: {p.get('model_spec')}", highlight=False, soft_wrap=True)
-            out.print(f"  intensity: {p.get('intensity_policy')}", highlight=False, soft_wrap=True)
+        records = [
+            {
+                "model": r["model"] or r["group"],
+                "dataset": r["dataset"],
+                "split": r["split"],
+                "rows": r["rows"],
+                "chunks": r["chunks_done"],
+                "texts": r["texts"],
+                "failed": r["failed_rows"],
+                "status": r["status"],
+                "MB": round(r["size_bytes"] / 1e6, 2),
+                "weights": str(r["provenance"].get("weights_hash"))[:12],
+                "created": r["provenance"].get("created"),
+            }
+            for r in summary["runs"]
+        ]
+        _emit(records, fmt, f"{store}  ({summary['size_bytes'] / 1e6:.1f} MB)")
+        if fmt == "table":
+            for r in summary["runs"]:
+                p = r["provenance"]
+                out.print(
+                    f"[bold]{r['group']}[/]: dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
+                    f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}; model {p.get('model_spec')}; "
+                    f"intensity {str(p.get('intensity_policy')).split(':')[0]}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     if verify:
         _report_problems(summary["problems"], store)
     damaged = [r for r in summary["runs"] if r["status"] == "damaged"]
@@ -527,11 +644,13 @@ def search(
     where: Annotated[list[str] | None, typer.Option(help="Filter the gallery: COLUMN=VALUE (repeatable).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset key, if the model has several.")] = None,
     index: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32,Flat, IVF256,Flat.")] = "Flat",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the image hits.")] = None,
     device: Annotated[str, typer.Option(help="Device for encoding a new query.")] = "auto",
+    fmt: FormatOpt = "table",
 ) -> None:
     """Query the store: text->image, image->image, image->text."""
+    fmt = _check_format(fmt, as_json)
     res = api.search(
         store,
         model,
@@ -545,18 +664,12 @@ def search(
         index=index,
         device=device,
     )
-    if as_json:
-        out.print_json(json.dumps({"query": res.query, "index": res.index, "hits": res.hits}, default=str))
+    if fmt == "json":
+        typer.echo(json.dumps({"query": res.query, "index": res.index, "hits": res.hits}, default=str, indent=2))
     else:
-        table = Table(title=f"{res.query}", title_justify="left")
-        cols = list(res.hits[0]) if res.hits else ["rank"]
-        for c in cols:
-            table.add_column(c, overflow="fold")
-        for h in res.hits:
-            table.add_row(*[f"{h[c]:.4f}" if isinstance(h[c], float) else str(h[c]) for c in cols])
-        out.print(table)
+        _emit(res.hits, fmt, f"{res.query}")
         if res.index.get("recall_at_10") is not None:
-            out.print(
+            err.print(
                 f"index {res.index['factory']}: recall@10 vs exact search = {res.index['recall_at_10']:.3f} "
                 f"({res.index['recall_queries']} sampled queries)",
                 highlight=False,
@@ -573,48 +686,71 @@ def compare(
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
     k: Annotated[int, typer.Option("-k", help="k for mutual-kNN alignment.", min=1)] = 10,
+    color_by: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Colour the report's embedding maps by this metadata column (repeatable; "
+            "e.g. label_name, dataset, modality, stain) [label_name]."
+        ),
+    ] = None,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Models side by side: accuracies with CIs, paired tests, CKA, and an HTML report."""
-    res = api.compare(source, model, report=report, k=k)
+    fmt = _check_format(fmt)
+    res = api.compare(source, model, report=report, k=k, color_by=tuple(color_by or ("label_name",)))
     side = res.side_by_side
-    if not side.empty:
-        table = Table(title="accuracy (value, 95% CI)", title_justify="left")
-        models = sorted({m for m, _ in side.columns})
-        for c in ("task", "head", *models):
-            table.add_column(c, overflow="fold")
-        for (task, head), r in side.iterrows():
-            cells = []
-            for m in models:
-                v = r.get((m, "value"))
-                cells.append(
-                    _fmt((v, r.get((m, "ci_low")), r.get((m, "ci_high")))) if v == v and v is not None else "–"
-                )
-            table.add_row(task, head, *cells)
-        out.print(table)
-    if not res.pairwise.empty:
-        t = Table(title="paired differences (a - b) and McNemar", title_justify="left")
-        for c in ("task", "head", "a", "b", "a - b", "p"):
-            t.add_column(c, overflow="fold")
-        for _, r in res.pairwise.iterrows():
-            t.add_row(
-                r["task"],
-                r["head"],
-                r["model_a"],
-                r["model_b"],
-                _fmt((r["difference"], r["ci_low"], r["ci_high"])),
-                f"{r['p_mcnemar']:.3g}",
-            )
-        out.print(t)
-    if not res.cka.empty:
-        out.print("linear CKA (image embeddings):")
-        out.print(res.cka.round(3).to_string(), highlight=False)
-        out.print(f"mutual kNN (k={k}):")
-        out.print(res.mutual_knn.round(3).to_string(), highlight=False)
-    if not res.text_cka.empty:
-        out.print("linear CKA (class-prompt text prototypes):")
-        out.print(res.text_cka.round(3).to_string(), highlight=False)
+    models = sorted({m for m, _ in side.columns}) if not side.empty else []
+    records = []
+    for (task, head), r in side.iterrows() if not side.empty else []:
+        rec: dict[str, Any] = {"task": task, "head": head}
+        for m in models:
+            v, lo, hi = r.get((m, "value")), r.get((m, "ci_low")), r.get((m, "ci_high"))
+            if fmt == "table":
+                rec[m] = _fmt((v, lo, hi)) if v is not None and v == v else "–"
+            else:
+                rec[m], rec[f"{m} low"], rec[f"{m} high"] = v, lo, hi
+        records.append(rec)
+    pairs = [
+        {
+            "task": r["task"],
+            "head": r["head"],
+            "a": r["model_a"],
+            "b": r["model_b"],
+            "n": r["n"],
+            **(
+                {"a - b": _fmt((r["difference"], r["ci_low"], r["ci_high"])), "p": f"{r['p_mcnemar']:.3g}"}
+                if fmt == "table"
+                else {"a - b": r["difference"], "low": r["ci_low"], "high": r["ci_high"], "p": r["p_mcnemar"]}
+            ),
+        }
+        for _, r in res.pairwise.iterrows()
+    ]
+    if fmt != "table":
+        payload = {"accuracy": records, "pairwise": pairs}
+        for name in ("cka", "mutual_knn", "text_cka"):
+            mat = getattr(res, name)
+            payload[name] = [{"model": i, **row} for i, row in mat.round(4).to_dict("index").items()]
+        if fmt == "json":
+            typer.echo(json.dumps(payload, default=str, indent=2))
+        else:  # one CSV per table, each after a '# name' line
+            for name, rows in payload.items():
+                typer.echo(f"# {name}")
+                _emit(rows, "csv")
+    else:
+        if records:
+            _emit(records, fmt, "accuracy (value [95% CI])")
+        if pairs:
+            _emit(pairs, fmt, "paired differences (a - b) and McNemar")
+        for title, mat in (
+            ("linear CKA (image embeddings)", res.cka),
+            (f"mutual kNN (k={k})", res.mutual_knn),
+            ("linear CKA (class-prompt text prototypes)", res.text_cka),
+        ):
+            if not mat.empty:
+                out.print(f"{title}:")
+                out.print(mat.round(3).to_string(), highlight=False, soft_wrap=True)
     if res.report:
-        out.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
+        err.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
 
 
 @app.command()

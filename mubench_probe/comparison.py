@@ -89,3 +89,15 @@ def similarity_matrices(embeddings: dict[str, np.ndarray], k: int = 10) -> tuple
         if k > 0:
             mknn.loc[a, b] = mknn.loc[b, a] = mutual_knn(embeddings[a], embeddings[b], k)
     return cka, mknn
+
+
+def text_prototypes(plan: dict, texts: Sequence[str], text_emb: np.ndarray) -> np.ndarray:
+    """Class-prompt ensemble vectors of every task of a run's prompt plan, stacked in a fixed order."""
+    from .heads.zeroshot import ensemble_weights, template_indices
+    from .tasks import prompt_texts
+
+    rows = [
+        ensemble_weights(text_emb[template_indices(list(texts), prompt_texts(classes, plan["templates"]))])
+        for _, classes in sorted(plan.get("tasks", {}).items())
+    ]
+    return np.concatenate(rows) if rows else np.zeros((0, text_emb.shape[1]), np.float32)

@@ -103,10 +103,13 @@ def plan_units(
     models: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
-) -> list[Unit]:
-    """Every (model, unit) to evaluate, with the arrays each needs loaded lazily.
+) -> tuple[list[Unit], list[str]]:
+    """Every (model, unit) to evaluate, with the arrays each needs loaded lazily, and notes.
 
-    A model or task pattern that matches nothing is an error listing what the store has.
+    A model or task pattern that matches nothing is an error listing what the store has. Runs
+    still being extracted are skipped with a note naming them and their progress, so a store
+    can be evaluated while other models are still running; if nothing is complete, that is an
+    error naming the command that finishes them.
     """
     all_runs = store.runs()
     runs = [r for r in all_runs if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
@@ -114,13 +117,22 @@ def plan_units(
     if not runs or unknown:
         have = ", ".join(sorted({r.model_spec for r in all_runs})) or "none"
         raise StoreError(f"no extracted model matches {unknown or list(models or [])} in {store.path} (have: {have})")
-    units = []
+    units: list[Unit] = []
+    notes: list[str] = []
     available: set[str] = set()
+    partial = [r for r in runs if not r.complete]
+    for run in partial:
+        done = run.done_mask()
+        texts = "" if run.texts_done else ", texts pending"
+        notes.append(
+            f"{run.model_spec}: skipped, still being extracted ({int(done.sum())}/{done.size} chunks{texts}); "
+            f"finish it with `probe extract --model {run.model_spec} ...` (the same command as before)"
+        )
+    if len(partial) == len(runs):
+        raise StoreError(f"no complete run to evaluate in {store.path}: " + "; ".join(notes))
     for run in runs:
-        if not run.complete:
-            raise StoreError(
-                f"{run.path} is not fully extracted; rerun `probe extract` for {run.model_spec} to finish it first"
-            )
+        if run in partial:
+            continue
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
         arrays = RunArrays(run)
         check_protocol(arrays.meta, cfg)
@@ -136,7 +148,7 @@ def plan_units(
     unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
     if unmatched:
         raise UsageError(f"no task matches {unmatched}; tasks in {store.path}: {', '.join(sorted(available))}")
-    return units
+    return units, notes
 
 
 def _wanted(name: str, patterns: Sequence[str] | None) -> bool:
@@ -199,7 +211,7 @@ def evaluate_store(
     """
     cfg = cfg or EvalConfig()
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
-    units = plan_units(st, cfg, models, tasks, templates)
+    units, plan_notes = plan_units(st, cfg, models, tasks, templates)
     rd = ResultsDir(results_dir) if results_dir else None
     table, preds = rd.load() if rd else (pd.DataFrame(columns=COLUMNS), pd.DataFrame(columns=PRED_COLUMNS))
     done_keys = set() if force else set(table["unit"]) if len(table) else set()
@@ -209,9 +221,10 @@ def evaluate_store(
         table = table[~table["unit"].isin(redo)]
         preds = preds[~preds["unit"].isin(redo)]
     t0 = time.perf_counter()
-    notes: list[str] = []
+    notes: list[str] = list(plan_notes)
     timings: dict[str, float] = {}
     record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}",
         "config": cfg.as_dict(),
         "store": str(st.path),
         "python": platform.python_version(),
@@ -249,6 +262,17 @@ def evaluate_store(
         for unit in todo:
             s = time.perf_counter()
             finish(unit, run_unit(unit, cfg), time.perf_counter() - s)
+    if rd:  # the invocation is recorded even when every unit came from the cache
+        rd.save_record(
+            {
+                **record,
+                "notes": notes,
+                "timings_s": timings,
+                "computed": len(todo),
+                "skipped": len(units) - len(todo),
+                "elapsed_s": round(time.perf_counter() - t0, 3),
+            }
+        )
     return EvaluationResult(
         table.reset_index(drop=True),
         preds.reset_index(drop=True),

@@ -6,6 +6,7 @@ import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,18 +25,33 @@ def _acc(table: pd.DataFrame) -> pd.DataFrame:
     return table[(table["metric"] == "accuracy") & (table["stratum"] == "all") & table["seed"].isna()]
 
 
+MAX_COLUMNS = 4
+
+
+def _grid(plt, n: int, panel: tuple[float, float]):
+    """A figure with n panels in rows of at most MAX_COLUMNS; unused axes hidden."""
+    cols = min(n, MAX_COLUMNS)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return fig, axes.ravel()[:n]
+
+
 def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
-    """Per task: zero-shot vs linear probe bars for each model, with 95% CIs."""
+    """Per task: zero-shot vs linear probe bars for each model, with 95% CIs (a grid of <= 4 columns)."""
     t = _acc(table)
     tasks = sorted(set(t[t["head"] == "lp"]["task"]))
     if not tasks:
         return None
     models = sorted(t["model"].unique())
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4, 2.2 + 1.6 * len(models)) * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = _grid(plt, len(tasks), (max(3.2, 1.4 + 0.9 * len(models)), 3.4))
+    handles = []
+    for ax, task in zip(axes, tasks, strict=True):
         g = t[t["task"] == task]
         width = 0.38
+        handles = []
         for j, (head, colour, name) in enumerate(
             (("zs_prompt", "#d95f02", "zero-shot (prompts)"), ("lp", "#1b9e77", "linear probe"))
         ):
@@ -47,15 +63,15 @@ def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
                 lo.append(v - float(r["ci_low"].iloc[0]) if len(r) and r["ci_low"].notna().all() else 0)
                 hi.append(float(r["ci_high"].iloc[0]) - v if len(r) and r["ci_high"].notna().all() else 0)
             x = np.arange(len(models)) + (j - 0.5) * width
-            ax.bar(x, vals, width, yerr=[lo, hi], color=colour, label=name, capsize=3)
-        ax.set_xticks(np.arange(len(models)), [m.replace(":", ":\n") for m in models], fontsize=7)
-        ax.set_ylim(0, 1.22)
+            handles.append(ax.bar(x, vals, width, yerr=[lo, hi], color=colour, label=name, capsize=3))
+        ax.set_xticks(np.arange(len(models)), [_short(m).replace(":", ":\n") for m in models], fontsize=7)
+        ax.set_ylim(0, 1.05)
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_title(task, fontsize=9)
-        ax.set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
-    fig.suptitle("What the image encoder perceives (linear probe) vs. what text reaches (zero-shot)", fontsize=9)
-    fig.tight_layout()
+        ax.set_ylabel("accuracy", fontsize=8)
+    fig.suptitle("What the image encoder perceives (linear probe) vs. what text reaches (zero-shot)", fontsize=10)
+    fig.legend(handles, [h.get_label() for h in handles], loc="upper right", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -109,8 +125,25 @@ def matrix_plot(mat: pd.DataFrame, title: str, path: Path) -> Path | None:
     return path
 
 
-def embedding_map(x: np.ndarray, labels: Sequence[str], title: str, path: Path, seed: int = 0) -> Path:
-    """2-D map of image embeddings coloured by label: UMAP if installed, else PCA."""
+def palette(n: int) -> list:
+    """n distinguishable colours: tab10 up to 10, tab20 up to 20, then tab20 + tab20b + tab20c (60)."""
+    plt = _plt()
+    if n <= 10:
+        return [plt.cm.tab10(i) for i in range(n)]
+    base = [plt.cm.tab20(i) for i in range(20)]
+    if n > 20:
+        base += [plt.cm.tab20b(i) for i in range(20)] + [plt.cm.tab20c(i) for i in range(20)]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def embedding_map(
+    x: np.ndarray, labels: Sequence[str], title: str, path: Path, seed: int = 0, color_by: str = "label"
+) -> Path:
+    """2-D map of image embeddings coloured by a metadata column: UMAP if installed, else PCA.
+
+    The legend sits outside the axes (it never covers the data); beyond 60 levels the rarest are
+    drawn in grey as "other" so every legend colour stays distinct.
+    """
     try:
         import umap  # type: ignore[import-not-found]
 
@@ -122,17 +155,24 @@ def embedding_map(x: np.ndarray, labels: Sequence[str], title: str, path: Path, 
         xy = xc @ vt[:2].T
         how = "PCA"
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 3.8))
-    labels = np.asarray([str(v) for v in labels])
-    for i, lab in enumerate(sorted(set(labels))):
+    labels = np.asarray(["(none)" if v is None or v != v else str(v) for v in labels])
+    levels, counts = np.unique(labels, return_counts=True)
+    shown = [lv for _, lv in sorted(zip(-counts, levels, strict=True))][:60]
+    colours = dict(zip(sorted(shown), palette(len(shown)), strict=True))
+    legend_cols = 1 if len(shown) <= 20 else 2 if len(shown) <= 40 else 3
+    fig, ax = plt.subplots(figsize=(5.0 + 1.9 * legend_cols, 4.4))
+    other = ~np.isin(labels, shown)
+    if other.any():
+        ax.scatter(xy[other, 0], xy[other, 1], s=5, alpha=0.4, color="0.7", label=f"other ({other.sum()})")
+    for lab in sorted(shown):
         m = labels == lab
-        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=lab, color=plt.cm.tab10(i % 10))
-    ax.legend(fontsize=6, markerscale=2, loc="best")
-    ax.set_title(f"{title} ({how})", fontsize=8)
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.75, label=f"{lab} ({m.sum()})", color=colours[lab])
+    ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=legend_cols, frameon=False)
+    ax.set_title(f"{_short(title)}: {how}, coloured by {color_by}", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -154,6 +194,49 @@ def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def build_report(
+    out: Path,
+    title: str,
+    table: pd.DataFrame,
+    result: Any,
+    embeddings: dict[str, np.ndarray],
+    meta: pd.DataFrame,
+    color_by: Sequence[str],
+    k: int,
+) -> tuple[Path, list[Path]]:
+    """Every figure of a comparison (PNGs in `<report>_figures/`) and the HTML file that inlines them."""
+    figdir = out.with_name(out.stem + "_figures")
+    figdir.mkdir(parents=True, exist_ok=True)
+    named = [
+        ("Perception vs. alignment", perception_vs_alignment(table, figdir / "zs_vs_lp.png")),
+        ("Models x tasks", heatmap(table, figdir / "heatmap.png")),
+        (
+            "Representation similarity: CKA",
+            matrix_plot(result.cka, "linear CKA of image embeddings", figdir / "cka.png"),
+        ),
+        (
+            "Representation similarity: mutual kNN",
+            matrix_plot(result.mutual_knn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
+        ),
+        (
+            "Text prototypes: CKA",
+            matrix_plot(result.text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
+        ),
+        ("Weight interpolation: accuracy vs alpha", alpha_curve(table, figdir / "alpha_curve.png")),
+    ]
+    for i, (model, x) in enumerate(embeddings.items()):
+        for column in color_by:
+            path = embedding_map(x, list(meta[column]), model, figdir / f"map_{i}_{column}.png", color_by=column)
+            named.append((f"Image embeddings: {model}, by {column}", path))
+    sections: list[tuple[str, Path | pd.DataFrame]] = [(h, p) for h, p in named if p is not None]
+    sections += [
+        ("Accuracy side by side (value, 95% CI)", result.side_by_side),
+        ("Paired differences (bootstrap CI) and McNemar tests", result.pairwise),
+    ]
+    figures = [p for _, p in named if p is not None]
+    return write_html(out, title, sections), figures
 
 
 def _img(path: Path) -> str:
@@ -234,8 +317,8 @@ def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
         return None
     groups = [g for g, _ in ALPHA_GROUPS if g in set(pts["group"])]
     plt = _plt()
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
+    fig, axes = _grid(plt, len(groups), (3.6, 3.2))
+    for ax, group in zip(axes, groups, strict=True):
         g = pts[pts["group"] == group]
         for (_, head), h in g.groupby(["parents", "head"]):
             h = h.sort_values("alpha")
@@ -245,7 +328,7 @@ def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"weight interpolation: {_short(pts['parents'].iloc[0])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

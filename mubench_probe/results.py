@@ -66,4 +66,17 @@ class ResultsDir:
         _replace(self.table_path, lambda p: table.to_parquet(p, index=False))
         _replace(self.path / "results.csv", lambda p: table.to_csv(p, index=False))
         _replace(self.predictions_path, lambda p: preds.reset_index(drop=True).to_parquet(p, index=False))
-        _replace(self.path / "run.json", lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
+        self.save_record(record)
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        """run.json: the latest invocation's record, plus `history`, one entry per invocation ever made
+        into this folder (config, versions, timings, counts; identified by its `started` time)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / "run.json"
+        try:
+            old = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # a damaged run.json loses its history, never the results
+            old = {}
+        history = [h for h in old.get("history", []) if h.get("started") != record.get("started")]
+        history.append({k: v for k, v in record.items() if k not in ("notes", "history")})
+        _replace(path, lambda p: p.write_text(json.dumps({**record, "history": history}, indent=2, default=str)))

@@ -19,7 +19,7 @@ def test_extract_and_info_on_the_sample(tmp_path):
     assert "2 chunks written" not in r.output and "1 chunks written" in r.output
     r = _run("info", store, "--verify")
     assert r.exit_code == 0, r.output
-    assert "model: mubench-tiny-vit:random" in r.output and "every chunk matches" in r.output
+    assert "model mubench-tiny-vit:random" in r.output and "every chunk matches" in r.output
     r = _run("info", store, "--json")
     assert r.exit_code == 0 and '"complete": true' in r.output
     r = _run("extract", "--dataset", "sample", "--model", TINY, "--limit", "40", "--store", store)
@@ -76,3 +76,43 @@ def test_ctrl_c_and_os_errors_are_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "extract", interrupted)
     r = _run("extract", "--dataset", "sample", "--model", TINY, "--store", str(tmp_path / "s.zarr"))
     assert r.exit_code == 130 and "rerun the same command to resume" in r.output
+
+
+def test_tables_never_wrap_and_every_table_has_csv_and_json(tiny_store, tmp_path):
+    import io
+    import json
+
+    import pandas as pd
+
+    from mubench_probe.store import EmbeddingStore
+
+    (run,) = EmbeddingStore(tiny_store).runs()
+    ids = list(run.meta()["image_id"])
+    r = _run("search", str(tiny_store), "--row", "5", "-k", "4")  # CliRunner: not a terminal, 80 columns
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if "│" in ln]
+    assert len(lines) == 4 and all(any(i in ln for i in ids) for ln in lines), "one line per hit, ids unbroken"
+    r = _run("search", str(tiny_store), "--row", "5", "-k", "4", "--format", "csv")
+    hits = pd.read_csv(io.StringIO(r.output))
+    assert list(hits["rank"]) == [1, 2, 3, 4] and hits["row"].iloc[0] == 5
+    r = _run("info", str(tiny_store), "--format", "csv")
+    info = pd.read_csv(io.StringIO(r.output))
+    assert info["status"].tolist() == ["complete"] and info["rows"].tolist() == [450]
+    r = _run("search", str(tiny_store), "--row", "5", "-k", "2", "--format", "json")
+    assert json.loads(r.output)["hits"][0]["row"] == 5
+    r = _run("info", str(tiny_store), "--format", "xml")
+    assert r.exit_code == 2 and "--format" in r.output
+
+
+def test_progress_lines_when_not_on_a_terminal(monkeypatch):
+    from mubench_probe import cli
+
+    lines = []
+    monkeypatch.setattr(cli.err, "print", lambda text, **kw: lines.append(text))
+    bar = cli.LineProgress(every=0.0)
+    with bar:
+        t = bar.add_task("ViT-B-32:random", total=1000)
+        bar.advance(t, 250)
+        bar.advance(t, 250)
+    assert lines[0].startswith("ViT-B-32:random: 250/1,000 (25%)") and "img/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].endswith("(done)") and "500/1,000" in lines[-1]

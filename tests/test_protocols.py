@@ -291,5 +291,15 @@ def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "matches no row" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["compare", str(tmp_path / "r"), "--report", str(tmp_path / "rep.html")])
+    r = runner.invoke(
+        app, ["compare", str(tmp_path / "r"), "--report", str(tmp_path / "rep.html"), "--color-by", "dataset"]
+    )
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    from PIL import Image
+
+    figures = tmp_path / "rep_figures"
+    with Image.open(figures / "zs_vs_lp.png") as im:  # 8 tasks: two rows of at most 4 panels, not one strip
+        assert im.width < 2000 and im.height > 600, im.size
+    assert (figures / "map_0_dataset.png").exists() and (figures / "map_1_dataset.png").exists()
+    r = runner.invoke(app, ["compare", str(tmp_path / "r"), "--color-by", "colour"])
+    assert r.exit_code == 2 and "no such metadata column" in r.output
