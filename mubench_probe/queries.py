@@ -107,74 +107,96 @@ def search_store(
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     run = pick_run(st, model, dataset)
     arrays = RunArrays(run)  # each array is read from the store at most once
-    if text is not None and not run.has_text:
-        raise UsageError(f"{run.model_spec} is image-only: it cannot embed a text query")
-    if to == "text" and not run.has_text:
-        raise UsageError(f"{run.model_spec} is image-only: it has no text embeddings to search")
-    # -- the query vector -------------------------------------------------------------------------
+    if (text is not None or to == "text") and not run.has_text:
+        what = "it cannot embed a text query" if text is not None else "it has no text embeddings to search"
+        raise UsageError(f"{run.model_spec} is image-only: {what}")
+    q, query = query_vector(run, arrays, text=text, image=image, row=row, device=device)
+    vectors, ids, idx_obj, info = gallery(st, run, arrays, to, where, index)
+    return SearchResult({**query, "model": run.model_spec}, hits(arrays, q, vectors, ids, idx_obj, to, k, where), info)
+
+
+def query_vector(
+    run: Run, arrays: RunArrays, *, text: str | None, image: str | Path | None, row: int | None, device: str | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The normalised query: a stored row as is, or a new text or image encoded by the run's own model."""
     if row is not None:
         if not 0 <= row < run.layout.n_rows:
             raise UsageError(f"--row must be in 0..{run.layout.n_rows - 1}")
         if not arrays.valid[row]:
             reason = run.failures().get(row, "its chunk is not extracted yet")
             raise UsageError(f"row {row} has no embedding: {reason}")
-        q = arrays.x[row]
-        query: dict[str, Any] = {"row": row}
-    else:
-        enc = matching_encoder(run, device)
-        if text is not None:
-            q = l2_normalize(enc.encode_texts([text]))[0]
-            query = {"text": text}
-        else:
-            from .imaging import load_rgb
+        return arrays.x[row], {"row": row}
+    enc = matching_encoder(run, device)
+    if text is not None:
+        return l2_normalize(enc.encode_texts([text]))[0], {"text": text}
+    from .imaging import load_rgb
 
-            path = Path(str(image))
-            if not path.is_file():
-                raise UsageError(f"query image {path} does not exist")
-            x = enc.transform(load_rgb(path.read_bytes(), run_policy(run)))[None]
-            q = l2_normalize(enc.encode_images(x)[0])[0]
-            query = {"image": str(path)}
-    query["model"] = run.model_spec
-    # -- the gallery ------------------------------------------------------------------------------
+    path = Path(str(image))
+    if not path.is_file():
+        raise UsageError(f"query image {path} does not exist")
+    x = enc.transform(load_rgb(path.read_bytes(), run_policy(run)))[None]
+    return l2_normalize(enc.encode_images(x)[0])[0], {"image": str(path)}
+
+
+def gallery(
+    st: EmbeddingStore, run: Run, arrays: RunArrays, to: str, where: list[str] | None, index: str
+) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]]:
+    """What is searched: (vectors, their row or text ids, a FAISS index over them, the index's info).
+
+    Texts and the whole image gallery use the index saved beside the store (rebuilt when stale);
+    a `--where`-filtered gallery gets its own index, built on the fly.
+    """
     if to == "text":
-        gallery_ids = np.arange(len(arrays.texts))
         idx_obj, info, _ = IndexCache(st.path).get(run.path, "text", arrays.text_emb, EXACT)
-    else:
-        emb = arrays.x
-        mask = _gallery_mask(arrays, parse_where(where))
-        if where:  # a filtered gallery gets its own (exact or ANN) index, built on the fly
-            gallery_ids = np.flatnonzero(mask)
-            idx_obj, info = build_index(emb[gallery_ids], index)
-        else:  # the whole gallery: the saved index, rebuilt if stale; unreadable rows filtered out
-            gallery_ids = np.arange(len(emb))
-            idx_obj, info, _ = IndexCache(st.path).get(run.path, "image", emb, index)
+        return arrays.text_emb, np.arange(len(arrays.texts)), idx_obj, info.__dict__
+    emb = arrays.x
+    if where:
+        ids = np.flatnonzero(_gallery_mask(arrays, parse_where(where)))
+        idx_obj, info = build_index(emb[ids], index)
+        return emb[ids], ids, idx_obj, info.__dict__
+    idx_obj, info, _ = IndexCache(st.path).get(run.path, "image", emb, index)
+    return emb, np.arange(len(emb)), idx_obj, info.__dict__
+
+
+def hits(
+    arrays: RunArrays,
+    q: np.ndarray,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    idx_obj: Any,
+    to: str,
+    k: int,
+    where: list[str] | None,
+) -> list[dict[str, Any]]:
+    """The top k, ranked by exact score (ties to the lower row, the same on every CPU), with metadata.
+
+    The index proposes candidates; rows whose image failed are skipped, so the whole image
+    gallery asks for k plus their number.
+    """
     valid = arrays.valid
-    kk = min(len(gallery_ids), k + (0 if to == "text" or where else int((~valid).sum())))
-    # the index proposes candidates; exact scores rank them, ties to the lower row (same on every CPU)
-    vectors = arrays.text_emb if to == "text" else emb[gallery_ids] if where else emb
+    extra = 0 if to == "text" or where else int((~valid).sum())
+    kk = min(len(ids), k + extra)
     scores, found = top_k(vectors, q[None], kk, candidates=lambda qs, n: idx_obj.search(qs.astype(np.float32), n)[1])
-    hits = []
-    texts = arrays.texts if to == "text" else None
-    meta = arrays.meta if to == "image" else None
+    out: list[dict[str, Any]] = []
     for s, j in zip(scores[0], found[0], strict=True):
         if j < 0:
             continue
-        item = int(gallery_ids[j])
+        item = int(ids[j])
         if to == "image" and not valid[item]:
             continue
-        hit: dict[str, Any] = {"rank": len(hits) + 1, "score": float(s)}
+        hit: dict[str, Any] = {"rank": len(out) + 1, "score": float(s)}
         if to == "text":
-            hit.update(text_index=item, text=texts[item])
+            hit.update(text_index=item, text=arrays.texts[item])
         else:
             hit["row"] = item
             for col in META_COLUMNS:
-                if col in meta:
-                    v = meta[col].iloc[item]
+                if col in arrays.meta:
+                    v = arrays.meta[col].iloc[item]
                     hit[col] = None if v is None or (isinstance(v, float) and v != v) else v
-        hits.append(hit)
-        if len(hits) == k:
+        out.append(hit)
+        if len(out) == k:
             break
-    return SearchResult(query, hits, info.__dict__)
+    return out
 
 
 def hit_images(run: Run, rows: list[int]) -> list[bytes]:

@@ -21,6 +21,8 @@ all. Claims of concurrent writers live in `.claims/` (see `claims.py`); neither 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -166,6 +168,18 @@ def _chunk_grid(arr: zarr.Array) -> Iterator[tuple[tuple[int, ...], tuple[slice,
     grid = [-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
     for idx in np.ndindex(*grid):
         yield idx, tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks, strict=True))
+
+
+async def _await_others() -> None:
+    current = asyncio.current_task()
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current), return_exceptions=True)
+
+
+def _drain_writes() -> None:
+    """Wait for every write zarr still has in flight: when one chunk write fails, zarr raises at
+    once while writes of the same batch go on in its event loop, and could land after cleanup."""
+    with contextlib.suppress(RuntimeError):  # no loop running: nothing in flight
+        sync(_await_others())
 
 
 def _delete(group: zarr.Group, name: str) -> None:
@@ -1046,7 +1060,8 @@ class EmbeddingStore:
             for i in range(1, len(parts)):
                 self._ensure_group("/".join(parts[:i]))
         except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)  # best effort; a leftover is removed on the next run
+            _drain_writes()  # writes zarr still has in flight would recreate the folder after it is removed
+            shutil.rmtree(scratch, ignore_errors=True)  # a leftover is removed on the next run
             raise
         target = self.path / path
         old = None

@@ -7,6 +7,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from mubench_probe.heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
 from mubench_probe.heads.knn import search, weighted_votes
@@ -148,8 +149,14 @@ def test_exact_scores_are_exact_integer_arithmetic():
         for j in range(9):
             ref = Fraction(int(sum(int(u) * int(v) for u, v in zip(qa[i], qb[j], strict=True))), 2**48)
             assert Fraction(got[i, j]) == ref
-    with pytest.raises(ValueError, match="norm"):
-        exact_scores(a * 10, b)
+    # longer vectors go to a coarser power-of-two grid and stay exact
+    long = exact_scores(a * 10, b)
+    qa10 = quantize(a * 10).astype(np.int64)
+    assert Fraction(long[2, 3]) == Fraction(
+        int(sum(int(u) * int(v) for u, v in zip(qa10[2], qb[3], strict=True))), 2**44
+    )
+    with pytest.raises(ValueError, match="finite"):
+        exact_scores(np.full((1, 33), np.nan), b)
 
 
 def _dyadic(rng, n, d):
@@ -291,3 +298,10 @@ def test_modality_gap():
     txt = np.array([[0.0, 1.0]])
     assert modality_gap(img, txt) == pytest.approx(np.sqrt(2))
     assert modality_gap(img, img) == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@parametrize_with_checks([LinearProbe(Cs=(0.1, 1.0, 10.0)), KNNHead(ks=(1, 3)), PrototypeHead(), PromptZeroShot()])
+def test_scikit_learn_estimator_checks(estimator, check):
+    """Every head passes scikit-learn's own estimator checks (clone, fit/predict contracts, input validation)."""
+    check(estimator)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DEFAULT_KS, TEMPERATURE
 from .scoring import top_k
@@ -36,7 +38,8 @@ def weighted_votes(
 class KNNHead(ClassifierMixin, BaseEstimator):
     """Estimator: `fit` stores the gallery, `predict_all` returns predictions for every k in `ks`.
 
-    `predict` uses the largest k. Labels are integer class indices (0..n_classes-1).
+    `predict` uses the largest k. With `n_classes`, labels must be class indices 0..n_classes-1
+    (a class absent from the gallery is never predicted); otherwise any labels.
     """
 
     def __init__(
@@ -47,15 +50,30 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.n_classes = n_classes
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KNNHead:
-        self.x_ = np.ascontiguousarray(X, dtype=np.float32)
-        self.y_ = np.asarray(y, dtype=np.int64)
-        self.classes_ = np.arange(self.n_classes or int(self.y_.max()) + 1)
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, self.y_ = encode_labels(y, self.n_classes)
+        self.x_ = np.ascontiguousarray(X)
         return self
 
     def predict_all(self, X: np.ndarray) -> dict[int, np.ndarray]:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         ks = tuple(self.ks)
         scores, idx = search(self.x_, X, max(ks))
-        return weighted_votes(scores, self.y_[idx], len(self.classes_), ks, self.temperature)
+        votes = weighted_votes(scores, self.y_[idx], len(self.classes_), ks, self.temperature)
+        return {k: self.classes_[p] for k, p in votes.items()}
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.predict_all(X)[max(self.ks)]
+
+
+def encode_labels(y: np.ndarray, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(classes_, label indices): 0..n_classes-1 as given, or the sorted distinct labels."""
+    if n_classes is None:
+        classes, idx = np.unique(y, return_inverse=True)
+        return classes, idx.astype(np.int64)
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= n_classes)):
+        raise ValueError(f"with n_classes={n_classes}, labels must be integers in 0..{n_classes - 1}")
+    return np.arange(n_classes), y.astype(np.int64)

@@ -42,6 +42,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_expit, logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C
 
@@ -229,9 +231,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
         """Choose C and fit; with `groups`, C is validated on held-out groups (see grouped_validation_split)."""
-        x, y = np.asarray(X, dtype=np.float64), np.asarray(y)
-        if x.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"X must be (n, d) with one label per row; got {x.shape} and {len(y)} labels")
+        x, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.val_curve_: list[tuple[float, float]] = []
         self.validation_ = "none"
@@ -298,22 +299,26 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # refit on train + validation, warm-started from the chosen fit where it has every class
         return self._solve(z, y, self.C_, best if len(seen) == len(self.classes_) else None)
 
+    def _input(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=np.float64, reset=False)
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Class scores (n, classes); for two classes the score of the second, as scikit-learn."""
-        x = np.asarray(X, dtype=np.float64)
+        x = self._input(X)
         if len(self.classes_) < 2:
             return np.zeros(len(x))
         d = self._fit_.decision(self._reparam(x))
         return d[:, 0] if d.shape[1] == 1 else d
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        x = np.asarray(X, dtype=np.float64)
+        x = self._input(X)
         if len(self.classes_) < 2:
             return np.full(len(x), self.classes_[0])
         return self.classes_[self._fit_.predict(self._reparam(x))]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        x = np.asarray(X, dtype=np.float64)
+        x = self._input(X)
         if len(self.classes_) < 2:
             return np.ones((len(x), 1))
         d = self._fit_.decision(self._reparam(x))

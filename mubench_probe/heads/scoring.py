@@ -6,13 +6,14 @@ identical gallery rows can then score differently in the last bit, and "ties go 
 index" holds only where the kernel happens to be exact: on an AVX2 machine kNN and search
 tests failed that passed on AVX-512.
 
-Here every score is computed exactly. Vectors (unit norm, as all our heads use them) are
-rounded to 24 fractional bits and held as integers in float64; a product of two such values
-is an integer below 2^48 and every partial sum of a dot product stays below 2^53, so float64
+Here every score is computed exactly. Vectors are rounded to a grid of 24 fractional bits
+(unit vectors, as all our heads use them; longer ones to a coarser power-of-two grid chosen
+from the array's largest norm) and held as integers in float64; a product of two such values
+is an integer below 2^49 and every partial sum of a dot product stays below 2^53, so float64
 represents each step exactly and the result does not depend on the order of summation, the
-BLAS kernel or the machine. The rounding (< 6e-8 per component, < 1e-7 on a score) is far
-below what float16 storage keeps. Exact duplicates therefore tie exactly, and ties are broken
-by the lower index by construction.
+BLAS kernel or the machine. The rounding (< 6e-8 per component, < 1e-7 on a unit-vector score)
+is far below what float16 storage keeps. Exact duplicates therefore tie exactly, and ties are
+broken by the lower index by construction.
 """
 
 from __future__ import annotations
@@ -22,31 +23,49 @@ from collections.abc import Callable
 import numpy as np
 
 FRACTION_BITS = 24
-_SCALE = float(2**FRACTION_BITS)
-_MAX_NORM = 4.0  # |a| * |b| <= 16 keeps every partial sum below 2^52 (Cauchy-Schwarz)
 BLOCK_ROWS = 4096
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
-    """Rows rounded to 24 fractional bits, as exact integers in float64."""
+def grid(x: np.ndarray) -> float:
+    """The power of two the rows of `x` are multiplied by before rounding to integers.
+
+    2^24 for rows of norm up to ~1 (embeddings); halved for each doubling of the largest norm,
+    so that |row| * scale < 2^24.01 and every dot product of two rounded rows stays exact.
+    """
+    x = np.asarray(x)
+    if x.size == 0:
+        return float(2**FRACTION_BITS)
+    sq = float(np.max(np.einsum("...d,...d->...", x, x)))
+    if not np.isfinite(sq):
+        raise ValueError("exact scores need finite vectors (found NaN or inf)")
+    e = max(0, int(np.ceil(np.log2(np.sqrt(sq) / 1.001)))) if sq > 0 else 0
+    return float(2 ** (FRACTION_BITS - e))
+
+
+def quantize(x: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Rows rounded to the grid (`grid(x)` unless given), as exact integers in float64."""
     x = np.asarray(x, dtype=np.float64)
-    if x.size and np.einsum("...d,...d->...", x, x).max() > _MAX_NORM**2:
-        raise ValueError("exact scores need vectors of norm <= 4 (normalise embeddings first)")
-    return np.rint(x * _SCALE)
+    return np.rint(x * (grid(x) if scale is None else scale))
 
 
 def exact_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """All inner products a @ b.T (float64), exact for the rounded vectors, computed in row blocks."""
-    qb = quantize(b)
+    sa, sb = grid(a), grid(b)
+    qb = quantize(b, sb)
     out = np.empty((len(a), len(b)), dtype=np.float64)
     for s in range(0, len(a), BLOCK_ROWS):
-        out[s : s + BLOCK_ROWS] = quantize(a[s : s + BLOCK_ROWS]) @ qb.T
-    return out / (_SCALE * _SCALE)
+        out[s : s + BLOCK_ROWS] = quantize(a[s : s + BLOCK_ROWS], sa) @ qb.T
+    return out / (sa * sb)
 
 
-def exact_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Inner product of each row of a (n, d) with each of its own candidates b (n, k, d): (n, k)."""
-    return np.einsum("nd,nkd->nk", quantize(a), quantize(b)) / (_SCALE * _SCALE)
+def exact_pairs(a: np.ndarray, b: np.ndarray, sa: float | None = None, sb: float | None = None) -> np.ndarray:
+    """Inner product of each row of a (n, d) with each of its own candidates b (n, k, d): (n, k).
+
+    `sa`, `sb`: the grids of the whole arrays these rows come from (so that a row's score never
+    depends on which block it was computed in); by default those of `a` and `b` themselves.
+    """
+    sa, sb = sa or grid(a), sb or grid(b)
+    return np.einsum("nd,nkd->nk", quantize(a, sa), quantize(b, sb)) / (sa * sb)
 
 
 def rank_rows(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -88,8 +107,9 @@ def top_k(
     if k == 0 or len(queries) == 0:
         return scores, rows
     search = candidates or faiss_candidates(gallery)
-    # float32 dot products of unit vectors are off by at most a few sqrt(d) ulps
-    slack = 4.0 * np.sqrt(gallery.shape[1]) * np.finfo(np.float32).eps
+    sg, sq = grid(gallery), grid(queries)
+    # float32 dot products are off by at most a few sqrt(d) ulps of the product of the norms
+    slack = 4.0 * np.sqrt(gallery.shape[1]) * np.finfo(np.float32).eps * 2.0 ** (2 * FRACTION_BITS) / (sg * sq)
     todo, kk = np.arange(len(queries)), min(n, k + margin)
     while len(todo):
         found = np.asarray(search(queries[todo], kk), dtype=np.int64)  # one search call per round
@@ -97,7 +117,7 @@ def top_k(
         block = max(1, (1 << 24) // (kk * max(gallery.shape[1], 1)))  # ~128 MB of float64 per step
         for start in range(0, len(todo), block):
             part, cand = todo[start : start + block], found[start : start + block]
-            s = exact_pairs(queries[part], gallery[np.maximum(cand, 0)])
+            s = exact_pairs(queries[part], gallery[np.maximum(cand, 0)], sq, sg)
             s[cand < 0] = -np.inf
             order = rank_rows(s, np.where(cand < 0, np.iinfo(np.int64).max, cand))
             s, cand = np.take_along_axis(s, order, axis=1), np.take_along_axis(cand, order, axis=1)

@@ -10,9 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import UsageError
-from .scoring import BLOCK_ROWS, exact_pairs, exact_scores
+from .knn import encode_labels
+from .scoring import BLOCK_ROWS, exact_pairs, exact_scores, grid
 
 
 def caption_choice(
@@ -30,10 +33,11 @@ def caption_choice(
     valid = (answer >= 0) & (options >= 0).any(axis=1)
     chosen = np.full(len(answer), -1, dtype=np.int64)
     rows = np.flatnonzero(valid)
+    si, st = grid(image_emb), grid(text_emb)
     for s in range(0, len(rows), BLOCK_ROWS):
         part = rows[s : s + BLOCK_ROWS]
         opts = options[part]
-        sims = exact_pairs(image_emb[part], text_emb[np.maximum(opts, 0)])
+        sims = exact_pairs(image_emb[part], text_emb[np.maximum(opts, 0)], si, st)
         chosen[part] = np.where(opts >= 0, sims, -np.inf).argmax(axis=1)
     correct = valid & (chosen == answer)
     return valid, chosen, correct
@@ -64,24 +68,32 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
         self.n_classes = n_classes
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineClassifier:
-        x, y = _unit_rows(np.asarray(X, dtype=np.float64)), np.asarray(y, dtype=np.int64)
-        if x.ndim != 2 or len(x) != len(y) or len(y) == 0:
-            raise ValueError(f"X must be (n, d) with one label per row; got {x.shape} and {len(y)} labels")
-        c = self.n_classes or int(y.max()) + 1
-        sums = np.zeros((c, x.shape[1]))
-        np.add.at(sums, y, x)
-        self.present_ = np.bincount(y, minlength=c) > 0
-        self.classes_ = np.arange(c)
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, idx = encode_labels(y, self.n_classes)
+        sums = np.zeros((len(self.classes_), X.shape[1]))
+        np.add.at(sums, idx, _unit_rows(X))
+        self.present_ = np.bincount(idx, minlength=len(self.classes_)) > 0
         self.weights_ = _unit_rows(sums).astype(np.float32)
         return self
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        scores = exact_scores(np.asarray(X, dtype=np.float32), self.weights_)
+    def similarities(self, X: np.ndarray) -> np.ndarray:
+        """Cosine similarity (n, classes) to each class prototype (exact; -inf for classes without rows)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        scores = exact_scores(X, self.weights_)
         scores[:, ~self.present_] = -np.inf
-        return scores
+        norms = np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+        return np.divide(scores, norms, out=scores, where=norms > 0)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """`similarities`; for two classes the second's minus the first's, as scikit-learn expects."""
+        s = self.similarities(X)
+        return s[:, 1] - s[:, 0] if s.shape[1] == 2 else s
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.decision_function(X).argmax(axis=1)
+        best = self.similarities(X).argmax(axis=1)  # ties: the lower class
+        return self.classes_[best]
 
 
 class PrototypeHead(CosineClassifier):
