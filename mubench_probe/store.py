@@ -768,7 +768,12 @@ class BrokenRun:
 
 
 class RunArrays:
-    """A run's arrays, read from the store once and shared by all of that run's units."""
+    """A run's arrays, read from the store once and shared by all of that run's units.
+
+    It lives here, beside `Run`, because it is nothing but a memo of `Run`'s checked reads (the
+    integrity check runs on the first one): evaluation, search and compare all read through it,
+    and keeping every read of the store in this module keeps the I/O in one place.
+    """
 
     def __init__(self, run: Run) -> None:
         self.run = run

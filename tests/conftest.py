@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,16 @@ from PIL import Image
 # No test may reach the network: make the Hub clients fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Nor depend on weights some earlier run left in this machine's caches: every cache is empty here
+# (Hugging Face, torch hub, timm, and open_clip's ~/.cache/clip, which follows HOME).
+_CACHES = tempfile.mkdtemp(prefix="mubench-test-caches-")
+for _var in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "HOME"):
+    os.environ[_var] = os.path.join(_CACHES, _var.lower())
+    os.makedirs(os.environ[_var], exist_ok=True)
 
-from mubench_probe import api
-from mubench_probe.datasets import load_dataset
-from mubench_probe.encoders.openclip import register_bundled_configs
+from mubench_probe import api  # noqa: E402 - after the cache variables above
+from mubench_probe.datasets import load_dataset  # noqa: E402
+from mubench_probe.encoders.openclip import register_bundled_configs  # noqa: E402
 
 register_bundled_configs()  # tests build `mubench-tiny-vit` models directly with open_clip too
 
