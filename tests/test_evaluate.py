@@ -204,3 +204,29 @@ def test_own_split_protocol_uses_the_split_column(tiny_store, sample):
     n_test = int((sample.meta["split"] == "test").sum())
     assert _get(res.table, "fine/bccd", "lp").n == n_test
     assert any("own train/test split" in n for n in res.notes)
+
+
+def test_a_run_still_being_extracted_is_skipped_with_a_note(tmp_path):
+    from mubench_probe.store import EmbeddingStore
+    from mubench_probe.testing import multi_source_store
+
+    store = multi_source_store(tmp_path / "m.zarr", models=("synthetic:a", "synthetic:b"))
+    (partial,) = [r for r in EmbeddingStore(store).runs() if r.model_spec == "synthetic:b"]
+    partial.clear_done(3)  # as if its extraction were still going on
+    res = api.evaluate(store, EvalConfig(heads=("zs_prompt",), n_boot=0), results_dir=tmp_path / "r")
+    assert set(res.table.model) == {"synthetic:a"}
+    assert any("synthetic:b: skipped, still being extracted" in n and "chunks" in n for n in res.notes)
+    partial.clear_done(0)
+    (complete,) = [r for r in EmbeddingStore(store).runs() if r.model_spec == "synthetic:a"]
+    complete.clear_done(1)
+    with pytest.raises(StoreError, match="no complete run"):
+        api.evaluate(store, EvalConfig(heads=("zs_prompt",), n_boot=0))
+
+
+def test_run_json_keeps_every_invocation(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    api.evaluate(tiny_store, FAST, results_dir=out, tasks=["fine/*"])
+    api.evaluate(tiny_store, FAST, results_dir=out, tasks=["fine/*"])  # all cached: still recorded
+    record = json.loads((out / "run.json").read_text())
+    assert [h["computed"] for h in record["history"]] == [1, 0]
+    assert record["computed"] == 0 and record["history"][0]["config"]["folds"] == 5
