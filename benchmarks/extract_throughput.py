@@ -1,136 +1,168 @@
-"""Extraction throughput: pure forward vs data loading vs the full `probe extract` path.
+"""Extraction throughput at the hardware limit: img/s, user and sys CPU seconds, minor page faults.
 
-Measures, in one run on the same real images (the bundled BCCD sample):
-  (1) images/s of the model forward alone on pre-processed tensors,
-  (2) images/s of decode + intensity policy + preprocessing alone, with the same DataLoader
-      workers (the data-loading limit),
-  (3) images/s of the full extraction path (loader + forward + Zarr writes) into a fresh store,
-      timed from the loader's start to the last chunk written (model loading, weight hashing
-      and text encoding happen once per model and are shown separately as "e2e"),
-and prints full/forward and full/data: each ratio is computed within one repeat (the three
-measurements adjacent in time) and the median over --repeats is shown; rates are medians too.
+For each model, interleaved over --repeats, every measurement in its own fresh process (the
+allocator settings are process-wide):
+  forward/system   the bare forward pass on pre-processed tensors, glibc's default allocator
+  forward/tuned    the bare forward pass with probe's allocator settings (allocator.py)
+  full/system      the full `probe extract` path (loader, forward, checksummed Zarr writes,
+                   prompt encoding) with glibc's default allocator: probe as shipped before
+  full/shipped     the full path as shipped now (no environment variable set)
+and prints per model: img/s, user s, sys s, minor faults per image (medians), and per repeat the
+ratios shipped/system (the fix), full/best bare forward (how close the whole pipeline gets to
+the model's limit) and, for a data-bound model, full/data (decode + preprocess alone).
 
-  python benchmarks/extract_throughput.py [--models ViT-B-32:random mubench-tiny-vit:random]
+  python benchmarks/extract_throughput.py [--repeats 5] [--models efficientnet-lite0:imagenet ViT-B-32:random]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
-from mubench_probe import api
-from mubench_probe.datasets import LoadedDataset, load_dataset
-from mubench_probe.encoders import load_encoder
-from mubench_probe.extraction import ImageRows, _collate, input_shape
-from mubench_probe.imaging import get_policy, load_rgb
+MODELS = {  # spec: (images, batch size, loader workers)
+    "efficientnet-lite0:imagenet": (256, 64, 0),
+    "ViT-B-32:random": (256, 64, 0),
+    "mubench-tiny-vit:random": (3000, 64, 2),
+}
 
 
-def _rate(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - t0)
+def images(n: int):
+    """The bundled sample's images, cycled to n rows."""
+    from dataclasses import dataclass
 
+    from mubench_probe.datasets import LoadedDataset, load_dataset
 
-@dataclass
-class _Cycle:
-    """Reads the sample's images round-robin so a benchmark can use more rows than it has."""
+    @dataclass
+    class Cycle:
+        inner: object
+        n: int
 
-    inner: object
-    n: int
+        def __len__(self) -> int:
+            return self.n
 
-    def __len__(self) -> int:
-        return self.n
+        def read(self, i: int) -> bytes:
+            return self.inner.read(i % len(self.inner))
 
-    def read(self, i: int) -> bytes:
-        return self.inner.read(i % len(self.inner))
-
-
-def images(n: int) -> LoadedDataset:
     base = load_dataset("sample")
-    reps = -(-n // len(base))
-    meta = pd.concat([base.meta] * reps, ignore_index=True).iloc[:n]
+    meta = pd.concat([base.meta] * -(-n // len(base)), ignore_index=True).iloc[:n]
     return LoadedDataset(
-        "sample-cycled", f"sample-x{n}", "test", {**base.identity, "rows": str(n)}, meta, _Cycle(base.reader, n)
+        "sample-cycled", f"sample-x{n}", "test", {**base.identity, "rows": str(n)}, meta, Cycle(base.reader, n)
     )
 
 
-def bench(spec: str, n: int, batch_size: int, workers: int, repeats: int) -> dict[str, float]:
+def _usage() -> tuple[float, float, int]:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime, me.ru_minflt + kids.ru_minflt
+
+
+def child(mode: str, spec: str) -> dict:
+    """One measurement in this (fresh) process; the parent chose the allocator through the environment."""
+    import torch
+
+    from mubench_probe import allocator, api
+    from mubench_probe.encoders import load_encoder
+    from mubench_probe.extraction import ImageRows, _collate, input_shape
+    from mubench_probe.imaging import get_policy, load_rgb
+
+    n, batch, workers = MODELS[spec]
+    allocator.tune()  # a no-op under MUBENCH_PROBE_ALLOCATOR=system
     ds = images(n)
     enc = load_encoder(spec, device="cpu")
     policy = get_policy("percentile")
-    tensors = torch.stack([enc.transform(load_rgb(ds.reader.read(i), policy)) for i in range(len(ds))])
-    batches = list(torch.split(tensors, batch_size))
-    enc.encode_images(batches[0])  # warm-up
-
-    def forward() -> None:
+    if mode == "forward":
+        x = torch.stack([enc.transform(load_rgb(ds.reader.read(i), policy)) for i in range(n)])
+        batches = list(torch.split(x, batch))
+        enc.encode_images(batches[0])  # warm-up
+        u0, s0, f0 = _usage()
+        t0 = time.perf_counter()
         for b in batches:
             enc.encode_images(b)
-
-    def data() -> None:
-        loader = DataLoader(
+        seconds = time.perf_counter() - t0
+    elif mode == "data":
+        loader = torch.utils.data.DataLoader(
             ImageRows(ds, enc.transform, policy, input_shape(enc)),
-            batch_size=batch_size,
+            batch_size=batch,
             num_workers=workers,
             collate_fn=_collate,
             prefetch_factor=4 if workers else None,
         )
+        u0, s0, f0 = _usage()
+        t0 = time.perf_counter()
         for _ in loader:
             pass
-
-    rates: dict[str, list[float]] = {"forward": [], "data": [], "full": [], "e2e": []}
-    for _ in range(repeats):  # interleaved, so drifting machine load hits all three alike
-        rates["forward"].append(_rate(forward, n))
-        rates["data"].append(_rate(data, n))
+        seconds = time.perf_counter() - t0
+    else:  # the full extraction path, the model already loaded
         with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            report = api.extract(
-                spec, ds, store=f"{d}/s.zarr", batch_size=batch_size, num_workers=workers, device="cpu"
-            )
-            rates["e2e"].append(n / (time.perf_counter() - t0))
-            rates["full"].append(report.images_per_second)
-    out = {k: statistics.median(v) for k, v in rates.items()}
-    # Ratios are taken within each repeat (adjacent in time) and then their median: this shared
-    # machine's speed drifts by +-25% over minutes, which a ratio of medians would mix in.
-    out["full/fwd"] = statistics.median(f / m for f, m in zip(rates["full"], rates["forward"], strict=True))
-    out["full/data"] = statistics.median(f / d for f, d in zip(rates["full"], rates["data"], strict=True))
-    fwd = [f / m for f, m in zip(rates["full"], rates["forward"], strict=True)]
-    dat = [f / d for f, d in zip(rates["full"], rates["data"], strict=True)]
-    out["ranges"] = f"full/fwd {min(fwd):.2f}-{max(fwd):.2f}, full/data {min(dat):.2f}-{max(dat):.2f}"
-    return out
+            st = api._created(f"{d}/s.zarr")
+            cfg = api.ExtractConfig(batch_size=batch, num_workers=workers)
+            u0, s0, f0 = _usage()
+            report = api._extract_with(enc, ds, st, cfg)
+            seconds = report.image_seconds
+    u1, s1, f1 = _usage()
+    return {
+        "img_s": n / seconds,
+        "user_s": u1 - u0,
+        "sys_s": s1 - s0,
+        "faults_per_image": (f1 - f0) / n,
+        "allocator": allocator.describe()["allocator"],
+    }
+
+
+def measure(mode: str, spec: str, system: bool) -> dict:
+    env = {**os.environ, "MUBENCH_PROBE_ALLOCATOR": "system" if system else "tuned"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, spec], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["ViT-B-32:random", "mubench-tiny-vit:random"])
-    ap.add_argument(
-        "--images", type=int, nargs="+", default=[256, 3000], help="images per model (one value, or one per model)"
-    )
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    sizes = args.images if len(args.images) == len(args.models) else args.images[:1] * len(args.models)
-    print(
-        f"torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, "
-        f"median of {args.repeats}"
-    )
-    print(
-        f"{'model':26} {'n':>4} {'forward':>9} {'data':>8} {'full':>8} {'e2e':>8} "
-        f"{'full/fwd':>9} {'full/data':>9}   (images/s)"
-    )
-    for spec, n in zip(args.models, sizes, strict=True):
-        r = bench(spec, n, args.batch_size, args.workers, args.repeats)
-        print(
-            f"{spec:26} {n:4d} {r['forward']:9.1f} {r['data']:8.1f} {r['full']:8.1f} {r['e2e']:8.1f} "
-            f"{r['full/fwd']:9.2f} {r['full/data']:9.2f}   per repeat: {r['ranges']}"
-        )
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    runs = [("forward", False), ("forward", True), ("full", True), ("full", False)]
+    rows = []
+    for r in range(args.repeats):
+        for spec in args.models:
+            data_bound = MODELS[spec][2] > 0
+            for mode, system in runs + ([("data", False)] if data_bound else []):
+                res = measure(mode, spec, system)
+                label = f"{mode}/{'system' if system else 'tuned' if mode != 'full' else 'shipped'}"
+                rows.append({"repeat": r, "model": spec, "run": label, **res})
+                print(
+                    f"repeat {r} {spec:28s} {label:15s} {res['img_s']:9.1f} img/s  user {res['user_s']:6.1f} s  "
+                    f"sys {res['sys_s']:6.1f} s  {res['faults_per_image']:8.0f} faults/img",
+                    flush=True,
+                )
+    t = pd.DataFrame(rows)
+    print("\nmedians over repeats:")
+    print(t.groupby(["model", "run"])[["img_s", "user_s", "sys_s", "faults_per_image"]].median().round(2).to_string())
+    print("\nratios within each repeat (median, range):")
+    for spec, g in t.groupby("model"):
+        w = g.pivot(index="repeat", columns="run", values="img_s")
+        ratios = {
+            "shipped / system (the fix)": w["full/shipped"] / w["full/system"],
+            "full / best bare forward": w["full/shipped"] / w[["forward/system", "forward/tuned"]].max(axis=1),
+        }
+        if "data/tuned" in w:
+            ratios["full / data"] = w["full/shipped"] / w["data/tuned"]
+        for name, v in ratios.items():
+            print(f"  {spec:28s} {name:28s} {v.median():.2f} ({v.min():.2f}-{v.max():.2f})")
 
 
 if __name__ == "__main__":

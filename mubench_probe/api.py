@@ -119,8 +119,10 @@ def _extract_with(
     progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
 ) -> ExtractReport:
+    from . import allocator
     from .extraction import prepare, run_extraction
 
+    allocator.tune()  # the forward pass's buffers stay in the heap (see allocator.py)
     run = prepare(st, encoder, ds, config)
     return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)
 

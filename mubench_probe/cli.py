@@ -813,6 +813,9 @@ def datasets() -> None:
 
 
 def main() -> None:
+    from . import allocator
+
+    allocator.tune()  # every command: large buffers stay in the heap instead of being re-mapped per batch
     logging.getLogger().setLevel(logging.ERROR)
     app(prog_name="probe")
 

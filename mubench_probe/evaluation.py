@@ -209,6 +209,9 @@ def evaluate_store(
 
     `progress(unit, done, total)` is called after each computed unit.
     """
+    from . import allocator
+
+    allocator.tune()  # folds, bootstrap and FAISS batches reuse heap memory instead of re-mapping it
     cfg = cfg or EvalConfig()
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     units, plan_notes = plan_units(st, cfg, models, tasks, templates)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import allocator
 from .claims import HOST, ChunkClaims, ClaimInfo
 from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions
 from .datasets import LoadedDataset, slug
@@ -64,8 +65,10 @@ class ImageRows(Dataset):
             return i, torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"
 
 
-def _lower_priority(_: int) -> None:
-    """Loader workers yield the CPU to the model's threads: decode fills the idle gaps."""
+def _worker_init(worker: int) -> None:
+    """Loader workers keep the allocator settings and yield the CPU to the model's threads
+    (decode fills the idle gaps)."""
+    allocator.worker_init(worker)
     try:
         os.nice(10)
     except OSError:  # not permitted on some systems; priority is an optimisation only
@@ -192,6 +195,7 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
         "dataset_manifest_sha256": ds.identity.get("manifest_sha256"),
         "split": ds.split,
         "versions": package_versions(),
+        "allocator": allocator.describe(),
     }
     feature_dim = (info.feature_dim or info.embed_dim) if config.features else None
     layout = RunLayout(len(ds), info.embed_dim, config.chunk_rows, config.dtype, feature_dim)
@@ -267,7 +271,7 @@ def _fill(
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=_collate,
-        worker_init_fn=_lower_priority,
+        worker_init_fn=_worker_init,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )

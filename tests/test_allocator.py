@@ -1,0 +1,47 @@
+"""The allocator setup runs where it applies (glibc) and is skipped cleanly where it does not."""
+
+import ctypes
+import json
+import subprocess
+import sys
+
+from mubench_probe import allocator
+
+
+def _in_fresh_process(env: dict[str, str]) -> dict:
+    code = "import json; from mubench_probe import allocator; print(json.dumps(allocator.describe()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def test_glibc_thresholds_are_raised(monkeypatch):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != allocator.ENV}
+    state = _in_fresh_process(env)
+    if allocator._libc() is None:  # pragma: no cover - macOS / musl
+        assert state["allocator"] == "unchanged" and "not glibc" in state["why"]
+        return
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    assert state["allocator"] == f"glibc {libc.gnu_get_libc_version().decode()}"
+    assert state["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    assert _in_fresh_process({**env, allocator.ENV: "system"}) == {
+        "allocator": "unchanged",
+        "why": f"{allocator.ENV}=system",
+    }
+
+
+def test_no_glibc_means_no_change(monkeypatch):
+    monkeypatch.setattr(allocator, "_state", None)
+    monkeypatch.setattr(allocator, "_libc", lambda: None)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert allocator.describe() == {"allocator": "unchanged", "why": "not glibc (no mallopt)"}
+    monkeypatch.setattr(allocator, "_state", None)  # the next caller tunes for real again
+
+
+def test_provenance_records_the_allocator(tiny_store):
+    from mubench_probe.store import EmbeddingStore
+
+    (run,) = EmbeddingStore(tiny_store).runs()
+    assert run.provenance["allocator"] == allocator.describe()
