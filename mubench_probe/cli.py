@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -51,8 +52,8 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ProbeError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except ProbeError as exc:  # escaped: messages name extras like mubench-probe[formats]
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished chunks are saved; rerun the same command to resume")
@@ -143,7 +144,7 @@ def _extract_config(**settings: Any) -> api.ExtractConfig:
 
 
 def _notify(line: str) -> None:
-    err.print(f"note: {line}", highlight=False, soft_wrap=True)
+    err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -223,7 +224,7 @@ def _print_report(report: Any) -> None:
         msg += f", {report.images_per_second:.1f} img/s"
     out.print(msg, highlight=False)
     for line in report.notes:
-        err.print(f"note: {line}", highlight=False, soft_wrap=True)
+        err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
     for row, reason in sorted(report.failures.items())[:10]:
         err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
     if len(report.failures) > 10:
