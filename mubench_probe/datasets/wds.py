@@ -167,6 +167,10 @@ class WebDatasetFormat:
 
     def load(self, spec: str, split: str, revision: str | None) -> LoadedDataset:
         urls = _shards(spec)
+        missing = [u for u in urls if not (lambda fp: fp[0].exists(fp[1]))(_fs(u))]
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(urls)} shards)" if len(missing) > 1 else ""
+            raise DatasetUnavailableError(f"WebDataset shard {missing[0]} does not exist{more}")
         rows: list[dict[str, Any]] = []
         for si, url in enumerate(urls):
             for s in _index_shard(url):
