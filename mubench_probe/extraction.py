@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .claims import HOST, ChunkClaims, ClaimInfo
 from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions
-from .datasets import LoadedDataset, row_source, slug
+from .datasets import LoadedDataset, reads_planes, row_source, slug
 from .encoders import Encoder
 from .errors import ImageDecodeError
 from .imaging import IntensityPolicy, PixelSpec, get_policy, load_rgb, render
@@ -69,7 +69,7 @@ class ImageRows(Dataset):
         self.max_pixels = max_pixels
         self.spec = spec or PixelSpec(policy, max_pixels=max_pixels)
         self.k = self.spec.n_images
-        self.legacy = self.spec.is_default and getattr(self.reader, "source", None) is None
+        self.legacy = self.spec.is_default and not reads_planes(self.reader)
         self.mpp = row_mpp(ds) if self.spec.target_mpp is not None else None
         self.item_shape = (self.k, *shape) if self.spec.channel_mode == "each" else shape
 

@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import DatasetUnavailableError
-from .base import CaptionItem, DatasetFormat, ImageReader, LoadedDataset, row_source, slug
+from .base import CaptionItem, DatasetFormat, ImageReader, LoadedDataset, reads_planes, row_source, slug
 from .bioio import BioioCsvFormat, BioioFolderFormat
 from .files import CsvFormat, FolderFormat
 from .hf import MUBENCH_ID, MUBENCH_REVISION, MUBENCH_SPLIT, DiskFormat, FilesFormat, HubFormat
@@ -73,6 +73,7 @@ __all__ = [
     "ImageReader",
     "LoadedDataset",
     "load_dataset",
+    "reads_planes",
     "row_source",
     "sample_path",
     "slug",

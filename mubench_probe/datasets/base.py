@@ -33,6 +33,13 @@ class ImageReader(Protocol):
     def read(self, i: int) -> bytes: ...
 
 
+def reads_planes(reader: ImageReader) -> bool:
+    """Whether the reader underneath any row selection reads planes itself (bioio) instead of bytes."""
+    while isinstance(reader, _HeadReader | _RowsReader):
+        reader = reader.inner
+    return getattr(reader, "source", None) is not None
+
+
 def row_source(reader: ImageReader, i: int, max_pixels: int) -> Any:
     """Row i as a (T, C, Z, Y, X) PlaneSource: the reader's own, or its bytes decoded."""
     from ..imaging import decode_source
