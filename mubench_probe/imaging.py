@@ -73,8 +73,8 @@ def _tiff_array(data: bytes, max_pixels: int) -> np.ndarray:
         squeezed = [s for s in shape if s != 1]
         if len(squeezed) > 3 or (len(squeezed) == 3 and min(squeezed) > 8):
             raise ImageDecodeError(
-                f"image has shape {shape} (axes {axes}); only 2-D images with optional channels are "
-                "supported (project z-stacks or time series before extraction)"
+                f"image has shape {shape} (axes {axes}): a stack; choose a projection with --z / --t "
+                "(max, mean, middle, index:K)"
             )
         return series.asarray()
 
@@ -119,8 +119,8 @@ def _channels_last(arr: np.ndarray) -> np.ndarray:
             arr = np.moveaxis(arr, 0, -1)
         return arr
     raise ImageDecodeError(
-        f"image has shape {arr.shape}; only 2-D images with optional channels are supported "
-        "(project z-stacks or time series before extraction)"
+        f"image has shape {arr.shape} and no axis names in its metadata; use an OME-TIFF or ImageJ "
+        "hyperstack (then --z / --t choose a projection), or read it with --dataset bioio:PATH"
     )
 
 
