@@ -267,8 +267,8 @@ def load_rgb(data: bytes, policy: IntensityPolicy, max_pixels: int = DEFAULT_MAX
 
 # ---- multi-dimensional images: channels, z-stacks, time, physical pixel size -------------------
 #
-# A row's pixels are a `PlaneSource`: a 5-D (T, C, Z, Y, X) image whose planes are read one at a
-# time (bioio files are never read whole). `render` selects and projects planes, applies the
+# A row's pixels are a `PlaneSource`: a 5-D (T, C, Z, Y, X) image whose planes are asked for one
+# at a time (bioio reads a large scene in bounded blocks). `render` selects and projects planes, applies the
 # intensity policy to each channel, resamples to a physical pixel size and maps the channels to
 # one RGB image (rgb, composite) or one grayscale RGB image per channel (each).
 
@@ -399,13 +399,18 @@ def _reduce(
     return acc
 
 
-def project(src: PlaneSource, c: int, t_rule: tuple[str, int] | None, z_rule: tuple[str, int] | None) -> np.ndarray:
-    """One channel as a 2-D plane: z projected within each time point, then t across them."""
+def project(
+    src: PlaneSource, chans: list[int], t_rule: tuple[str, int] | None, z_rule: tuple[str, int] | None
+) -> np.ndarray:
+    """The selected channels as (K, Y, X): z projected within each time point, then t across them.
+
+    Planes are asked for time point by time point, z by z, all channels of a z together, so a
+    source that reads blocks (bioio) reads each plane once."""
     n_t, _, n_z = src.shape[:3]
     dtype = src.dtype
 
     def at_time(t: int) -> np.ndarray:
-        return _reduce(z_rule, n_z, lambda z: src.plane(t, c, z), "z", dtype)
+        return _reduce(z_rule, n_z, lambda z: np.stack([src.plane(t, c, z) for c in chans]), "z", dtype)
 
     return _reduce(t_rule, n_t, at_time, "t", dtype)
 
@@ -556,7 +561,9 @@ def render(
     itemsize = max(np.dtype(src.dtype).itemsize, 4 if "mean" in (spec.z, spec.t) else 1)
     check_size(height, width, height * width * max(len(chans), 1) * itemsize, spec.max_pixels)
     t_rule, z_rule = parse_projection(spec.t, "--t"), parse_projection(spec.z, "--z")
-    planes = [project(src, c, t_rule, z_rule) for c in chans]
+    if hasattr(src, "select"):  # sources that read several planes at once (bioio) read these together
+        src.select(chans)
+    planes = list(project(src, chans, t_rule, z_rule))
     if spec.channels is None:  # the single-image rule: channels scaled together
         arr = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
         rgb = np.asarray(to_rgb(arr, spec.policy))

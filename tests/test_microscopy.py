@@ -179,6 +179,24 @@ def test_channels_and_projections_match_numpy(plate, z):
     assert [np.asarray(i).tolist() for i in each] == [_rgb([_percentile(proj[c])] * 3).tolist() for c in (1, 3)]
 
 
+@pytest.mark.parametrize("z", ["max", "mean", "index:1"])
+def test_large_scenes_are_read_in_blocks_with_the_same_result(plate, monkeypatch, z):
+    """Over BLOCK_BYTES a scene is read in dask blocks of the selected channels and consecutive z,
+    each plane once; the result equals the whole-scene read."""
+    spec = PixelSpec(get_policy("percentile"), channels=("Mito", "0"), channel_mode="each", z=z)
+    ds = load_dataset(str(plate))
+    whole = [np.asarray(i) for i in render(row_source(ds.reader, 2, 10**7), spec)]
+    plane = 40 * 48 * 2
+    monkeypatch.setattr(bioio_module, "BLOCK_BYTES", 2 * plane * 2)  # two z of the two selected channels
+    reads = []
+    real = bioio_module.BioioSource._read
+    monkeypatch.setattr(bioio_module.BioioSource, "_read", lambda self, *a: reads.append(a[1:]) or real(self, *a))
+    blocks = [np.asarray(i) for i in render(row_source(ds.reader, 2, 10**7), spec)]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, blocks, strict=True))
+    want = [((4, 0), 1, 3)] if z == "index:1" else [((4, 0), 0, 2), ((4, 0), 2, 3)]
+    assert reads == want, reads
+
+
 def test_composite_colours_and_the_default_rule(plate):
     arr = tifffile.imread(plate / "ctrl" / "w0.ome.tif").max(axis=0)
     src = row_source(load_dataset(str(plate)).reader, 0, 10**7)

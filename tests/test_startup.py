@@ -19,7 +19,6 @@ def test_the_evaluation_and_store_paths_do_not_import_torch():
 
 def test_store_reading_commands_do_not_import_torch(tiny_store, tmp_path):
     for args in (
-        ["export", "--help"],
         ["export", str(tiny_store), str(tmp_path / "e.parquet"), "--to", "parquet"],
         ["export", str(tiny_store), str(tmp_path / "e.h5ad")],
         ["info", str(tiny_store)],

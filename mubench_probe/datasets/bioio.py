@@ -14,6 +14,7 @@ manifest are decoded as usual.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +94,18 @@ def _open(path: str, plugin: Plugin) -> Any:
     return reader
 
 
-class BioioSource:
-    """One scene of a bioio reader as a (T, C, Z, Y, X) PlaneSource; planes read on demand.
+BLOCK_BYTES = 64 << 20  # planes are read in blocks of at most this many bytes (one dask compute each)
 
-    RGB files (bioio's S dimension) with a single channel expose their samples as channels.
+
+class BioioSource:
+    """One scene of a bioio reader as a (T, C, Z, Y, X) PlaneSource.
+
+    A scene of at most `BLOCK_BYTES` is read whole, at once, with the plugin's NumPy reader. In
+    a larger one, each dask compute costs milliseconds whatever its size, so planes are not read
+    one by one: the planes `render` asks for next (the selected channels, consecutive z) are read as one block
+    of at most `BLOCK_BYTES` (or one plane per selected channel, when that is larger), and the
+    block is kept until a plane outside it is asked for. RGB files (bioio's S dimension) with a
+    single channel expose their samples as channels.
     """
 
     def __init__(self, reader: Any, scene: int) -> None:
@@ -117,17 +126,59 @@ class BioioSource:
             raise ImageDecodeError(f"cannot read the metadata: {type(exc).__name__}: {exc}") from exc
         self.channel_names = tuple(str(n) for n in names)
         self._reader, self._order = reader, order
+        self._wanted: tuple[int, ...] = ()
+        self._block: tuple[int, int, int, tuple[int, ...], np.ndarray] | None = None
+        self._whole: np.ndarray | None = None
+
+    def select(self, channels: list[int]) -> None:
+        """The channels `render` will read (a hint: they are then read together)."""
+        self._wanted = tuple(channels)
 
     def plane(self, t: int, c: int, z: int) -> np.ndarray:
-        kw = {k: v for k, v in (("T", t), ("C", 0 if self._samples else c), ("Z", z)) if k in self._order}
+        if math.prod(self.shape) * self.dtype.itemsize <= BLOCK_BYTES:  # small: one immediate read, no dask
+            if self._whole is None:
+                self._whole = self._read_whole()
+            return self._whole[t, c, z]
+        chans = self._wanted if c in self._wanted else (c,)
+        blk = self._block
+        if blk is None or blk[0] != t or blk[3] != chans or not blk[1] <= z < blk[2]:
+            n_z, height, width = self.shape[2:]
+            per_z = height * width * self.dtype.itemsize * len(chans)
+            z1 = min(n_z, z + max(1, BLOCK_BYTES // max(per_z, 1)))
+            blk = self._block = (t, z, z1, chans, self._read(t, chans, z, z1))
+        return blk[4][chans.index(c), z - blk[1]]
+
+    def _read_whole(self) -> np.ndarray:
+        """The whole scene as (T, C, Z, Y, X) through the plugin's immediate (NumPy) reader."""
         try:
+            xr = self._reader.xarray_data
             if self._samples:
-                data = self._reader.get_image_dask_data("YXS", **kw)[..., c]
-            else:
-                data = self._reader.get_image_dask_data("YX", **kw)
-            return np.asarray(data.compute(scheduler="synchronous"))
+                xr = xr.isel(C=0) if "C" in xr.dims else xr
+            axis = "S" if self._samples else "C"
+            order = [a for a in ("T", axis, "Z", "Y", "X") if a in xr.dims]
+            data = np.asarray(xr.transpose(*order).data)
         except Exception as exc:
-            raise ImageDecodeError(f"cannot read plane t={t} c={c} z={z}: {type(exc).__name__}: {exc}") from exc
+            raise ImageDecodeError(f"cannot read the image: {type(exc).__name__}: {exc}") from exc
+        return data.reshape(self.shape)
+
+    def _read(self, t: int, chans: tuple[int, ...], z0: int, z1: int) -> np.ndarray:
+        """(channels, z1 - z0, Y, X) in one compute, through bioio's labelled (xarray) view."""
+        try:
+            xr = self._reader.xarray_dask_data
+            sel: dict[str, Any] = {"T": t, "Z": slice(z0, z1)}
+            sel["S" if self._samples else "C"] = list(chans)
+            if self._samples:
+                sel["C"] = 0
+            xr = xr.isel({k: v for k, v in sel.items() if k in xr.dims})
+            axis = "S" if self._samples else "C"
+            order = [a for a in (axis, "Z", "Y", "X") if a in xr.dims]
+            data = np.asarray(xr.transpose(*order).data.compute(scheduler="synchronous"))
+        except Exception as exc:
+            raise ImageDecodeError(
+                f"cannot read planes t={t} c={list(chans)} z={z0}..{z1 - 1}: {type(exc).__name__}: {exc}"
+            ) from exc
+        shape = (len(chans), z1 - z0, self.shape[3], self.shape[4])
+        return data.reshape(shape)
 
 
 @dataclass
