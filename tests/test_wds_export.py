@@ -76,6 +76,8 @@ def test_shards_are_indexed_in_order_and_read_by_offset(shards, sample, monkeypa
     for i in (0, 5, 9, 10, 29, 1):
         assert ds.reader.read(i) == sample.reader.read(rows[i])
     assert len(opened) == 3, opened
+    url = load_dataset(f"file://{root}/shard-{{000..002}}.tar")  # an fsspec URL reads the same rows
+    assert url.reader.read(29) == ds.reader.read(29) and list(url.meta["label_name"]) == list(ds.meta["label_name"])
     limited = load_dataset(str(root / "shard-{000..002}.tar"), limit=12)
     assert len(limited) == 12 and limited.identity["limit"] == "12"
 
