@@ -36,6 +36,7 @@ from .store import DEFAULT_STORE, EmbeddingStore, describe
 if TYPE_CHECKING:
     from .encoders.base import Encoder
     from .evaluation import EvaluationResult, Unit
+    from .export import ExportReport
     from .extraction import ExtractReport, NotifyFn, ProgressFn
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "compare",
     "default_results_dir",
     "evaluate",
+    "export",
     "extract",
     "interpolate",
     "list_backends",
@@ -68,10 +70,15 @@ __all__ = [
 
 
 def open_dataset(
-    spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None, limit: int | None = None
+    spec: str = MUBENCH_ID,
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+    scene: str | None = None,
 ) -> LoadedDataset:
-    """Resolve a dataset spec ('sample', Hub id, folder, CSV, parquet, save_to_disk folder)."""
-    return load_dataset(spec, split=split, revision=revision, limit=limit)
+    """Resolve a dataset spec ('sample', Hub id, folder, CSV, parquet, save_to_disk folder,
+    WebDataset shards, microscopy files); `scene` keeps one scene of multi-scene files."""
+    return load_dataset(spec, split=split, revision=revision, limit=limit, scene=scene)
 
 
 def open_store(path: str | Path = DEFAULT_STORE, create: bool = False) -> EmbeddingStore:
@@ -136,6 +143,7 @@ def extract(
     split: str | None = None,
     revision: str | None = None,
     limit: int | None = None,
+    scene: str | None = None,
     progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
     **settings: Any,
@@ -143,15 +151,15 @@ def extract(
     """Embed `dataset` with `model` into the store; resumes (and repairs) a matching group.
 
     `config` (an ExtractConfig) holds every setting; keyword `settings` override its fields
-    (e.g. `num_workers=0, dtype="float32"`); `split`, `revision` and `limit` apply when `dataset`
-    is a spec string. Several processes may run this on the same store and
+    (e.g. `num_workers=0, dtype="float32"`); `split`, `revision`, `limit` and `scene` apply when
+    `dataset` is a spec string. Several processes may run this on the same store and
     model at once: they split the chunks. `notify` receives one-line notices (e.g. waiting for
     chunks another writer holds).
     """
     from .encoders import load_encoder
 
     cfg = _settings(config, settings)
-    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit)
+    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit, scene=scene)
     encoder = load_encoder(model, device=cfg.device, precision=cfg.precision)
     return _extract_with(encoder, ds, _created(st), cfg, progress, notify)
 
@@ -197,12 +205,22 @@ def extract_command(store: str | Path, record: dict[str, Any]) -> str:
         cmd.append(f"--revision {q(str(p['dataset_revision']))}")
     if p.get("dataset_limit"):
         cmd.append(f"--limit {p['dataset_limit']}")
+    if p.get("dataset_scene") is not None:
+        cmd.append(f"--scene {q(str(p['dataset_scene']))}")
     cmd.append(f"--intensity {str(p.get('intensity_policy', 'percentile')).split(':')[0]}")
     cmd += [f"--dtype {p.get('dtype')}", f"--chunk-rows {p.get('chunk_rows')}"]
     if p.get("features"):
         cmd.append("--features")
     if p.get("max_pixels", DEFAULT_MAX_PIXELS) != DEFAULT_MAX_PIXELS:
         cmd.append(f"--max-pixels {p['max_pixels']}")
+    pixels = p.get("pixels") or {}
+    if pixels.get("channels"):
+        cmd.append(f"--channels {q(','.join(pixels['channels']))}")
+    if pixels.get("channel_mode", "rgb") != "rgb":
+        cmd.append(f"--channel-mode {pixels['channel_mode']}")
+    for key in ("z", "t", "target_mpp"):
+        if pixels.get(key) is not None:
+            cmd.append(f"--{key.replace('_', '-')} {pixels[key]}")
     templates = (record.get("prompts") or {}).get("templates")
     if templates and tuple(templates) != DEFAULT_TEMPLATES:
         cmd.append(f"--templates FILE  (FILE: the run's {len(templates)} templates, one per line: {templates!r})")
@@ -247,7 +265,13 @@ def repair_store(
         cmd = extract_command(st.path, record)
         try:
             limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
-            ds = open_dataset(p.get("dataset_spec") or "sample", p.get("split"), p.get("dataset_revision"), limit)
+            ds = open_dataset(
+                p.get("dataset_spec") or "sample",
+                p.get("split"),
+                p.get("dataset_revision"),
+                limit,
+                p.get("dataset_scene"),
+            )
             encoder = load_encoder(p["model_spec"], device=run_cfg.device, precision=run_cfg.precision)
         except (ModelUnavailableError, DatasetUnavailableError) as exc:
             report.commands.append(f"{node.path}: cannot reload its model or dataset here ({exc}); run: {cmd}")
@@ -261,6 +285,7 @@ def repair_store(
                 features=bool(p.get("features")),
                 overwrite=False,
                 max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                **pixel_settings(p),
             )
             done = _extract_with(encoder, ds, st, cfg, progress(p["model_spec"], len(ds)) if progress else None, notify)
         except ProvenanceMismatchError as exc:
@@ -270,6 +295,29 @@ def repair_store(
         report.repaired += done.repaired
     report.remaining = [str(d) for d in st.check(deep=True)]
     return report
+
+
+def pixel_settings(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The ExtractConfig fields (channels, mode, z, t, target pixel size) a run was extracted with."""
+    pixels = provenance.get("pixels") or {}
+    channels = pixels.get("channels")
+    return {
+        "channels": tuple(channels) if channels else None,
+        "channel_mode": pixels.get("channel_mode", "rgb"),
+        "z": pixels.get("z"),
+        "t": pixels.get("t"),
+        "target_mpp": pixels.get("target_mpp"),
+    }
+
+
+def export(
+    store: str | Path, to: str, out: str | Path, *, model: str | None = None, dataset: str | None = None
+) -> ExportReport:
+    """Write one complete run to `out` as anndata (.h5ad), npy (clip-retrieval's layout) or parquet.
+    A damaged or unfinished run is refused before anything is written."""
+    from .export import export_run
+
+    return export_run(store, to, out, model=model, dataset=dataset)
 
 
 def list_backends() -> list[Backend]:
@@ -423,6 +471,7 @@ def interpolate(
     split: str | None = None,
     revision: str | None = None,
     limit: int | None = None,
+    scene: str | None = None,
     preprocess: str | None = None,
     save_dir: str | Path | None = None,
     progress: Callable[[str, int], ProgressFn | None] | None = None,
@@ -443,7 +492,7 @@ def interpolate(
         raise UsageError("give at least one alpha")
     cfg = _settings(config, settings)
     interp = Interpolator(base, finetuned, device_for(cfg.device, cfg.precision), cfg.precision, preprocess)
-    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit)
+    ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit, scene=scene)
     st = _created(st)
     reports = []
     for alpha in alphas:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,8 +53,8 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ProbeError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except ProbeError as exc:  # escaped: messages name extras like mubench-probe[formats]
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished chunks are saved; rerun the same command to resume")
@@ -183,11 +184,20 @@ def _cell(v: Any) -> str:
 
 
 DatasetOpt = Annotated[
-    str, typer.Option("--dataset", "-d", help="'sample', Hub id, folder, CSV, parquet/arrow or save_to_disk folder.")
+    str,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="'sample', Hub id, folder, CSV, parquet/arrow, save_to_disk folder, WebDataset shards "
+        "('DIR/shards-{000..009}.tar'), or a folder/CSV of OME-TIFF, OME-Zarr, CZI, ND2, LIF files.",
+    ),
 ]
 SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (μ-Bench: test).")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (μ-Bench is pinned).")]
 LimitOpt = Annotated[int | None, typer.Option(help="Only the first N rows.", min=1)]
+SceneOpt = Annotated[
+    str | None, typer.Option(help="Multi-scene microscopy files: only this scene (index or name); default: every one.")
+]
 # ExtractConfig's fields, shared by `extract` and `interpolate` (and in part `verify --repair`)
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.", min=1)]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = in process).", min=0)]
@@ -204,6 +214,23 @@ MaxPixelsOpt = Annotated[
 ClaimTimeoutOpt = Annotated[
     float, typer.Option(help="Seconds without heartbeat after which another host's chunk claim is taken over.", min=1)
 ]
+ChannelsOpt = Annotated[
+    str | None,
+    typer.Option(help="Channels to use, by index or by the file's channel name: '0,2,4' or 'DNA,Mito'."),
+]
+ChannelModeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How channels reach an RGB model: rgb (up to 3 to R,G,B), each (one grayscale image and one stored "
+        "embedding per channel), composite (a colour per channel, summed)."
+    ),
+]
+ZOpt = Annotated[str | None, typer.Option("--z", help="Z-stack projection: max, mean, middle or index:K.")]
+TOpt = Annotated[str | None, typer.Option("--t", help="Time-series projection: max, mean, middle or index:K.")]
+TargetMppOpt = Annotated[
+    float | None,
+    typer.Option(help="Resample every image to this many micrometres per pixel (from metadata or microns_per_pixel)."),
+]
 
 
 def _extract_config(**settings: Any) -> api.ExtractConfig:
@@ -216,7 +243,7 @@ def _extract_config(**settings: Any) -> api.ExtractConfig:
 
 
 def _notify(line: str) -> None:
-    err.print(f"note: {line}", highlight=False, soft_wrap=True)
+    err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -243,6 +270,12 @@ def extract(
     overwrite: OverwriteOpt = False,
     max_pixels: MaxPixelsOpt = api.DEFAULT_MAX_PIXELS,
     claim_timeout: ClaimTimeoutOpt = api.DEFAULT_CLAIM_TIMEOUT,
+    scene: SceneOpt = None,
+    channels: ChannelsOpt = None,
+    channel_mode: ChannelModeOpt = "rgb",
+    z: ZOpt = None,
+    t: TOpt = None,
+    target_mpp: TargetMppOpt = None,
 ) -> None:
     """Embed a dataset with one or more models into the store (resumable, repairs damage, and
     several processes on one store split the work)."""
@@ -259,9 +292,14 @@ def extract(
         overwrite=overwrite,
         max_pixels=max_pixels,
         claim_timeout=claim_timeout,
+        channels=channels,
+        channel_mode=channel_mode,
+        z=z,
+        t=t,
+        target_mpp=target_mpp,
     )
     models = model or list(api.MUBENCH_MODELS)
-    ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit)
+    ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit, scene=scene)
     err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}")
     for spec in models:
         with _progress() as bar:
@@ -284,6 +322,8 @@ def _print_report(report: Any) -> None:
     if report.rows:
         msg += f", {report.images_per_second:.1f} img/s"
     out.print(msg, highlight=False)
+    for line in report.notes:
+        err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
     for row, reason in sorted(report.failures.items())[:10]:
         err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
     if len(report.failures) > 10:
@@ -399,7 +439,7 @@ def evaluate(
         units = bar.add_task("evaluate", total=None)
 
         def tick(unit: Any, done: int, total: int) -> None:
-            bar.update(units, completed=done, total=total, description=f"{unit.run.model_spec} {unit.task_name}")
+            bar.update(units, completed=done, total=total, description=f"{unit.model_name} {unit.task_name}")
 
         res = api.evaluate(
             store,
@@ -517,6 +557,12 @@ def interpolate(
     overwrite: OverwriteOpt = False,
     max_pixels: MaxPixelsOpt = api.DEFAULT_MAX_PIXELS,
     claim_timeout: ClaimTimeoutOpt = api.DEFAULT_CLAIM_TIMEOUT,
+    scene: SceneOpt = None,
+    channels: ChannelsOpt = None,
+    channel_mode: ChannelModeOpt = "rgb",
+    z: ZOpt = None,
+    t: TOpt = None,
+    target_mpp: TargetMppOpt = None,
 ) -> None:
     """Extract weight interpolations between a base and a fine-tuned model, one model per alpha."""
     values = _numbers(alphas, "--alphas")
@@ -532,6 +578,11 @@ def interpolate(
         overwrite=overwrite,
         max_pixels=max_pixels,
         claim_timeout=claim_timeout,
+        channels=channels,
+        channel_mode=channel_mode,
+        z=z,
+        t=t,
+        target_mpp=target_mpp,
     )
     for a in values:
         if not 0 <= a <= 1:
@@ -554,6 +605,7 @@ def interpolate(
             split=split,
             revision=revision,
             limit=limit,
+            scene=scene,
             preprocess=preprocess,
             save_dir=save_dir,
             progress=bar_for,
@@ -601,7 +653,8 @@ def info(
                 out.print(
                     f"[bold]{r['group']}[/]: dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
                     f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}; model {p.get('model_spec')}; "
-                    f"intensity {str(p.get('intensity_policy')).split(':')[0]}",
+                    f"intensity {str(p.get('intensity_policy')).split(':')[0]}"
+                    + (f"; pixels {p['pixels'].get('rule')}" if p.get("pixels") else ""),
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -751,6 +804,22 @@ def compare(
                 out.print(mat.round(3).to_string(), highlight=False, soft_wrap=True)
     if res.report:
         err.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
+
+
+@app.command()
+@friendly
+def export(
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="Zarr store directory.")],
+    target: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output: a .h5ad file (anndata), a folder (npy) or a .parquet file.")
+    ],
+    to: Annotated[str, typer.Option("--to", help="anndata, npy (clip-retrieval's layout) or parquet.")] = "anndata",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec in the store.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset key, if the model has several.")] = None,
+) -> None:
+    """Export one finished run's embeddings, metadata and provenance for scanpy, FAISS or pandas."""
+    res = api.export(store, to, target, model=model, dataset=dataset)
+    out.print(f"exported {res.rows} rows to {', '.join(str(f) for f in res.files)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -34,7 +34,8 @@ HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval"
 PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
 PROTOCOLS = ("kfold", "split", "transfer")
 TEMPLATE_CHOICES = ("both", "0", "1")
-STRATA = ("dataset", "domain", "subdomain", "modality", "submodality", "stain")
+# `pixel_size` is derived at evaluation from `microns_per_pixel` (power-of-two bins, see evaluation.py)
+STRATA = ("dataset", "domain", "subdomain", "modality", "submodality", "stain", "pixel_size")
 
 # μ-Bench's Table 1, as far as the paper, its released scripts and its CI widths tell:
 MUBENCH_TABLE1 = {
@@ -61,6 +62,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = ("float16", "float32")
 INTENSITY_POLICIES = ("percentile", "minmax", "dtype")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+CHANNEL_MODES = ("rgb", "each", "composite")
+PROJECTIONS = ("max", "mean", "middle")  # and index:K
 DEFAULT_CLAIM_TIMEOUT = 300.0
 
 
@@ -100,6 +103,31 @@ def read_templates(path: str | Path | None) -> tuple[str, ...]:
     return check_templates(tuple(ln for ln in lines if ln and not ln.startswith("#")), str(p))
 
 
+def parse_channels(value: str | Sequence[str | int] | None) -> tuple[str, ...] | None:
+    """`0,2,4` or `DNA,Mito` (or a sequence) -> a tuple of tokens; digits are indices, else names."""
+    if value is None:
+        return None
+    tokens = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    out = tuple(t.strip() for t in tokens if t.strip())
+    if not out:
+        raise UsageError(f"--channels takes comma-separated channel indices or names, not {value!r}")
+    if len(set(out)) != len(out):
+        raise UsageError(f"--channels names a channel twice: {value!r}")
+    return out
+
+
+def parse_projection(value: str | None, option: str = "--z") -> tuple[str, int] | None:
+    """max | mean | middle | index:K -> (kind, K); None keeps single planes only (stacks are refused)."""
+    if value is None:
+        return None
+    kind, _, k = value.partition(":")
+    if kind in PROJECTIONS and not k:
+        return kind, -1
+    if kind == "index" and k.isdigit():
+        return "index", int(k)
+    raise UsageError(f"{option} must be max, mean, middle or index:K (K >= 0), not {value!r}")
+
+
 def check_templates(templates: Sequence[str], where: str = "templates") -> tuple[str, ...]:
     out = tuple(templates)
     bad = [t for t in out if "{}" not in t]
@@ -131,6 +159,12 @@ class ExtractConfig(_Config):
     precision), what is stored (dtype, chunk size, pre-projection features), how raw intensities
     become RGB (`intensity`, `max_pixels`), which class prompts are embedded (`templates`),
     and how concurrent writers coordinate (`claim_timeout`).
+
+    Multi-dimensional images: `channels` selects channels (indices or names from the file's
+    metadata), `channel_mode` maps them to an RGB model (rgb: up to three to R, G, B; each: one
+    grayscale image and one stored embedding per channel; composite: a fixed colour per channel,
+    summed), `z` / `t` project stacks (max, mean, middle, index:K), and `target_mpp` resamples
+    every image to that many µm per pixel first. All default to the single-image behaviour.
     """
 
     batch_size: int = 64
@@ -145,8 +179,27 @@ class ExtractConfig(_Config):
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
+    channels: tuple[str, ...] | None = None
+    channel_mode: str = "rgb"
+    z: str | None = None
+    t: str | None = None
+    target_mpp: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", parse_channels(self.channels))
+        if self.channel_mode not in CHANNEL_MODES:
+            raise UsageError(f"--channel-mode must be one of {', '.join(CHANNEL_MODES)}, not {self.channel_mode!r}")
+        if self.channel_mode == "rgb" and self.channels and len(self.channels) > 3:
+            raise UsageError(
+                f"--channel-mode rgb maps at most three channels to R, G, B ({len(self.channels)} given); "
+                "use --channel-mode each or composite"
+            )
+        if self.channel_mode == "each" and not self.channels:
+            raise UsageError("--channel-mode each needs --channels (which channels to embed one by one)")
+        parse_projection(self.z, "--z")
+        parse_projection(self.t, "--t")
+        if self.target_mpp is not None and not self.target_mpp > 0:
+            raise UsageError("--target-mpp must be a positive number of micrometres per pixel")
         if isinstance(self.templates, str | Path):  # a templates file
             object.__setattr__(self, "templates", read_templates(self.templates))
         else:

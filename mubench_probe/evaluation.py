@@ -3,6 +3,11 @@
 Work is split into units (one model's captions, or one model x task); a unit's key hashes
 the store provenance, the task and the config, so a rerun skips what is already computed and
 an interrupted run keeps every finished unit.
+
+A `--channel-mode each` run is scored once on its row embeddings (all channels together, under
+the model's name) and once per channel on that channel's embeddings alone, reported as the model
+`MODEL#channel=NAME` (so summaries, compare and paired tests treat each channel as a model).
+Rows with a `microns_per_pixel` are also reported per `pixel_size` stratum (power-of-two bins).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from .protocol import (
     evaluate_task,
 )
 from .results import COLUMNS, PRED_COLUMNS, ResultsDir
-from .store import IDENTITY_KEYS, EmbeddingStore, Run, RunArrays
+from .store import IDENTITY_KEYS, ChannelArrays, EmbeddingStore, Run, RunArrays
 from .tasks import derive_tasks, prompt_texts
 
 
@@ -52,6 +57,12 @@ class Unit:
     key: str
     payload: Any = None
     arrays: RunArrays | None = None
+    channel: str | None = None  # one channel's embeddings (a `--channel-mode each` run), or None: the rows'
+
+    @property
+    def model_name(self) -> str:
+        """The model column of the results: the spec, with `#channel=NAME` for one channel's view."""
+        return self.run.model_spec + (f"#channel={self.channel}" if self.channel is not None else "")
 
 
 @dataclass
@@ -64,9 +75,29 @@ class EvaluationResult:
     results_dir: Path | None = None
 
 
-def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str]) -> str:
-    blob = json.dumps([provenance_hash(run), name, cfg.as_dict(), list(templates)], sort_keys=True, default=str)
+def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str], channel: str | None = None) -> str:
+    parts: list[Any] = [provenance_hash(run), name, cfg.as_dict(), list(templates)]
+    if channel is not None:
+        parts.append({"channel": channel})
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def pixel_size_bins(meta: pd.DataFrame) -> pd.DataFrame:
+    """Add a `pixel_size` column binning `microns_per_pixel` by powers of two ("0.25-0.5 um/px"),
+    so results can be read per physical scale; rows without a size stay out of every bin."""
+    if "microns_per_pixel" not in meta.columns or "pixel_size" in meta.columns:
+        return meta
+    mpp = pd.to_numeric(meta["microns_per_pixel"], errors="coerce").to_numpy(dtype=np.float64)
+    ok = np.isfinite(mpp) & (mpp > 0)
+    if not ok.any():
+        return meta
+    lo = np.zeros_like(mpp)
+    lo[ok] = np.exp2(np.floor(np.log2(mpp[ok])))
+    labels = np.array(
+        [f"{a:g}-{2 * a:g} um/px" if good else None for a, good in zip(lo, ok, strict=True)], dtype=object
+    )
+    return meta.assign(pixel_size=labels)
 
 
 def _task_arrays(
@@ -139,12 +170,17 @@ def plan_units(
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
         if run.has_text and run.caption_keys():
             available.add("mubench")
-        if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
-            units.append(Unit(run, "captions", "mubench", _unit_key(run, "mubench", cfg, []), arrays=arrays))
-        for task in derive_tasks(arrays.meta):
-            available.add(task.name)
-            if _wanted(task.name, tasks):
-                units.append(Unit(run, "task", task.name, _unit_key(run, task.name, cfg, tmpl), (task, tmpl), arrays))
+        views: list[tuple[str | None, RunArrays]] = [(None, arrays)]
+        views += [(label, ChannelArrays(arrays, k)) for k, label in enumerate(run.channel_labels)]
+        for channel, view in views:
+            if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
+                key = _unit_key(run, "mubench", cfg, [], channel)
+                units.append(Unit(run, "captions", "mubench", key, arrays=view, channel=channel))
+            for task in derive_tasks(arrays.meta):
+                available.add(task.name)
+                if _wanted(task.name, tasks):
+                    key = _unit_key(run, task.name, cfg, tmpl, channel)
+                    units.append(Unit(run, "task", task.name, key, (task, tmpl), view, channel))
     unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
     if unmatched:
         raise UsageError(f"no task matches {unmatched}; tasks in {store.path}: {', '.join(sorted(available))}")
@@ -161,7 +197,7 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
     """Compute one unit from its run's arrays (read from the store on first use, then shared)."""
     run = unit.run
     a = unit.arrays or RunArrays(run)
-    x, valid, meta, texts, text_emb = a.x, a.valid, a.meta, a.texts, a.text_emb
+    x, valid, meta, texts, text_emb = a.x, a.valid, pixel_size_bins(a.meta), a.texts, a.text_emb
     if unit.kind == "captions":
         caps = {k: run.captions(k) for k in run.caption_keys()}
         out = Output()
@@ -176,7 +212,7 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
 
 
 def _frame(out: Output, unit: Unit) -> tuple[pd.DataFrame, pd.DataFrame]:
-    model = unit.run.model_spec
+    model = unit.model_name
     dataset = unit.run.path.split("/")[1]
     table = pd.DataFrame(out.records)
     if len(table):
@@ -240,8 +276,8 @@ def evaluate_store(
         t, p = _frame(out, unit)
         table = pd.concat([table, t], ignore_index=True) if len(table) else t
         preds = pd.concat([preds, p], ignore_index=True) if len(preds) else p
-        notes.extend(f"{unit.run.model_spec}: {n}" for n in out.notes)
-        timings[f"{unit.run.model_spec} {unit.task_name}"] = round(seconds, 3)
+        notes.extend(f"{unit.model_name}: {n}" for n in out.notes)
+        timings[f"{unit.model_name} {unit.task_name}"] = round(seconds, 3)
         if rd:
             rd.save(
                 table,

@@ -22,17 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import allocator
 from .claims import HOST, ChunkClaims, ClaimInfo
 from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions
-from .datasets import LoadedDataset, slug
+from .datasets import LoadedDataset, reads_planes, row_source, slug
 from .encoders import Encoder
 from .errors import ImageDecodeError
-from .imaging import IntensityPolicy, get_policy, load_rgb
-from .store import EmbeddingStore, Run, RunLayout
+from .imaging import IntensityPolicy, PixelSpec, get_policy, load_rgb, render
+from .store import EmbeddingStore, Run, RunLayout, l2_normalize
 from .tasks import derive_tasks, prompt_texts, unique_texts
 
 ProgressFn = Callable[[int], None]
@@ -40,8 +41,21 @@ NotifyFn = Callable[[str], None]
 WAIT_POLL_S = 0.25  # how often a writer looks again at chunks other writers hold
 
 
+def row_mpp(ds: LoadedDataset) -> np.ndarray:
+    """Each row's physical pixel size in µm (NaN where unknown), from `microns_per_pixel`."""
+    if "microns_per_pixel" not in ds.meta.columns:
+        return np.full(len(ds), np.nan, dtype=np.float32)
+    mpp = pd.to_numeric(ds.meta["microns_per_pixel"], errors="coerce").to_numpy(dtype=np.float32)
+    return np.where(mpp > 0, mpp, np.nan).astype(np.float32)
+
+
 class ImageRows(Dataset):
-    """Row i -> (i, tensor, failure reason); an unreadable image yields zeros and a reason."""
+    """Row i -> (i, tensor, failure reason); an unreadable image yields zeros and a reason.
+
+    The tensor is one preprocessed image, or (K, 3, H, W) with `--channel-mode each`. Single 2-D
+    images with the default pixel settings take the original bytes -> RGB path; everything else
+    (bioio files, channels, stacks, a target pixel size) goes through `imaging.render`.
+    """
 
     def __init__(
         self,
@@ -50,19 +64,31 @@ class ImageRows(Dataset):
         policy: IntensityPolicy,
         shape: tuple[int, ...],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        spec: PixelSpec | None = None,
     ) -> None:
         self.reader, self.transform, self.policy, self.shape = ds.reader, transform, policy, shape
         self.max_pixels = max_pixels
+        self.spec = spec or PixelSpec(policy, max_pixels=max_pixels)
+        self.k = self.spec.n_images
+        self.legacy = self.spec.is_default and not reads_planes(self.reader)
+        self.mpp = row_mpp(ds) if self.spec.target_mpp is not None else None
+        self.item_shape = (self.k, *shape) if self.spec.channel_mode == "each" else shape
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         try:
-            img = load_rgb(self.reader.read(i), self.policy, self.max_pixels)
-            return i, self.transform(img), ""
+            if self.legacy:
+                return i, self.transform(load_rgb(self.reader.read(i), self.policy, self.max_pixels)), ""
+            src = row_source(self.reader, i, self.max_pixels)
+            mpp = float(self.mpp[i]) if self.mpp is not None else None
+            images = render(src, self.spec, mpp, tuple(self.shape[-2:]))  # type: ignore[arg-type]
+            if self.spec.channel_mode == "each":
+                return i, torch.stack([self.transform(im) for im in images]), ""
+            return i, self.transform(images[0]), ""
         except (ImageDecodeError, OSError, ValueError) as exc:
-            return i, torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"
+            return i, torch.zeros(self.item_shape), f"{type(exc).__name__}: {exc}"
 
 
 def _worker_init(worker: int) -> None:
@@ -132,6 +158,7 @@ class ExtractReport:
     image_seconds: float = 0.0
     chunks_by_others: int = 0  # written by concurrent writers while this one ran
     repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. rows without a pixel size under --target-mpp
 
     @property
     def images_per_second(self) -> float:
@@ -172,6 +199,7 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
     rows over it are failed rows, so runs made with different limits must not be mixed.
     """
     templates, max_pixels, policy = config.templates, config.max_pixels, get_policy(config.intensity)
+    spec = PixelSpec.from_config(config)
     info = encoder.info
     texts, plan = plan_texts(ds, templates) if encoder.has_text else ([], {})
     index = {t: i for i, t in enumerate(texts)}
@@ -193,12 +221,15 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
         "dataset_fingerprint": ds.identity.get("fingerprint"),
         "dataset_limit": ds.identity.get("limit"),
         "dataset_manifest_sha256": ds.identity.get("manifest_sha256"),
+        "dataset_scene": ds.identity.get("scene"),
+        "pixels": spec.provenance(),
         "split": ds.split,
         "versions": package_versions(),
         "allocator": allocator.describe(),
     }
     feature_dim = (info.feature_dim or info.embed_dim) if config.features else None
-    layout = RunLayout(len(ds), info.embed_dim, config.chunk_rows, config.dtype, feature_dim)
+    channels = spec.n_images if spec.channel_mode == "each" else 0
+    layout = RunLayout(len(ds), info.embed_dim, config.chunk_rows, config.dtype, feature_dim, channels)
     path = f"{slug(info.spec)}/{ds.key}/{slug(ds.split)}"
     return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, config.overwrite)
 
@@ -223,7 +254,7 @@ def cpu_threads_for(encoder: Encoder, rows: ImageRows, sample_rows: Sequence[int
     for i in sample_rows:
         rows[i]
     per_image_data = (time.perf_counter() - t0) / len(sample_rows)
-    dummy = torch.zeros((2, *rows.shape))
+    dummy = torch.zeros((2, *rows.shape))  # one image each, whatever the channel mode
     encoder.encode_images(dummy[:1])  # warm-up
     t0 = time.perf_counter()
     encoder.encode_images(dummy)
@@ -242,11 +273,18 @@ def _rows(layout: RunLayout, ci: int) -> int:
     return sl.stop - sl.start
 
 
+def combine_channels(emb: np.ndarray) -> np.ndarray:
+    """(B, K, D) channel embeddings -> (B, D) row embeddings: the mean of the L2-normalised
+    channel embeddings, so every channel counts the same whatever its norm."""
+    b, k, d = emb.shape
+    return l2_normalize(emb.reshape(b * k, d)).reshape(b, k, d).mean(axis=1)
+
+
 def _fill(
     run: Run,
     encoder: Encoder,
     ds: LoadedDataset,
-    policy: IntensityPolicy,
+    spec: PixelSpec,
     chunks: list[int],
     batch_size: int,
     num_workers: int,
@@ -264,7 +302,7 @@ def _fill(
     """
     layout = run.layout
     features = layout.feature_dim is not None
-    dataset = ImageRows(ds, encoder.transform, policy, input_shape(encoder), max_pixels)
+    dataset = ImageRows(ds, encoder.transform, spec.policy, input_shape(encoder), max_pixels, spec)
     sampler = ClaimingBatches(run, claims, chunks, batch_size)
     loader = DataLoader(
         dataset,
@@ -280,12 +318,14 @@ def _fill(
     pending: list[Future] = []
     emb_buf: list[np.ndarray] = []
     feat_buf: list[np.ndarray] = []
+    chan_buf: list[np.ndarray] = []
     fail_buf: list[str] = []
+    each = dataset.k if spec.channel_mode == "each" else 0
 
-    def write(ci: int, emb: np.ndarray, reasons: list[str], feat: np.ndarray | None) -> None:
+    def write(ci: int, emb: np.ndarray, reasons: list[str], feat: np.ndarray | None, chan: np.ndarray | None) -> None:
         if not claims.owns(ci):  # our claim was taken over (we looked dead): the new owner writes it
             return
-        run.write_chunk(ci, emb, reasons, feat)
+        run.write_chunk(ci, emb, reasons, feat, chan)
         claims.record_written(ci)
         written.append(ci)
         claims.release(ci)
@@ -299,8 +339,16 @@ def _fill(
         side = time.perf_counter() - t_start
         for rows, x, reasons in batches_iter:
             ci = rows[0] // layout.chunk_rows
-            emb, feat = encoder.encode_images(x, features)
             bad = [i for i, r in enumerate(reasons) if r]
+            if each:  # (B, K, 3, H, W): every channel image through the model, K per row
+                emb_k, feat_k = encoder.encode_images(x.reshape(-1, *x.shape[2:]), features)
+                emb_k = emb_k.reshape(len(rows), each, -1)
+                emb_k[bad] = 0.0
+                chan_buf.append(emb_k)
+                emb = combine_channels(emb_k)
+                feat = feat_k.reshape(len(rows), each, -1).mean(axis=1) if feat_k is not None else None
+            else:
+                emb, feat = encoder.encode_images(x, features)
             emb[bad] = 0.0
             emb_buf.append(emb)
             if feat is not None:
@@ -312,8 +360,9 @@ def _fill(
                 progress(len(rows))
             if rows[-1] == layout.chunk_slice(ci).stop - 1:
                 chunk_feat = np.concatenate(feat_buf) if feat_buf else None
-                pending.append(writer.submit(write, ci, np.concatenate(emb_buf), fail_buf, chunk_feat))
-                emb_buf, feat_buf, fail_buf = [], [], []
+                chunk_chan = np.concatenate(chan_buf) if chan_buf else None
+                pending.append(writer.submit(write, ci, np.concatenate(emb_buf), fail_buf, chunk_feat, chunk_chan))
+                emb_buf, feat_buf, chan_buf, fail_buf = [], [], [], []
                 for f in [f for f in pending if f.done()]:
                     f.result()  # surface a write error now, not at the end
                     pending.remove(f)
@@ -349,8 +398,8 @@ def run_extraction(
 ) -> ExtractReport:
     """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point,
     and safe to run in several processes at once: they split the chunks through claims."""
-    policy, batch_size, num_workers, max_pixels = (
-        get_policy(config.intensity),
+    spec, batch_size, num_workers, max_pixels = (
+        PixelSpec.from_config(config),
         config.batch_size,
         config.num_workers,
         config.max_pixels,
@@ -388,7 +437,7 @@ def run_extraction(
         while True:
             if todo:
                 n, w, secs = _fill(
-                    run, encoder, ds, policy, todo, batch_size, num_workers, progress, encode_texts, claims, max_pixels
+                    run, encoder, ds, spec, todo, batch_size, num_workers, progress, encode_texts, claims, max_pixels
                 )
                 rows_done, image_seconds, written = rows_done + n, image_seconds + secs, written + w
             else:
@@ -409,6 +458,14 @@ def run_extraction(
             time.sleep(WAIT_POLL_S)
     if progress:
         progress(layout.n_rows - reported - rows_done)  # rows other writers extracted meanwhile
+    notes = []
+    if spec.target_mpp is not None:
+        unknown = int(np.isnan(row_mpp(ds)).sum())
+        if unknown:
+            notes.append(
+                f"{unknown} of {len(ds)} rows have no pixel size (no microns_per_pixel in the metadata or the "
+                f"files): they were not resampled to {spec.target_mpp:g} um/px, only fitted to the model's input"
+            )
     return ExtractReport(
         run.path,
         encoder.info.spec,
@@ -421,4 +478,5 @@ def run_extraction(
         image_seconds,
         chunks_by_others=layout.n_chunks - skipped - len(written),
         repaired=list(run.repairs),
+        notes=notes,
     )

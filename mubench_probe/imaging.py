@@ -16,11 +16,12 @@ import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from .config import DEFAULT_MAX_PIXELS
+from .config import DEFAULT_MAX_PIXELS, parse_projection
 from .errors import ImageDecodeError, UsageError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -72,8 +73,8 @@ def _tiff_array(data: bytes, max_pixels: int) -> np.ndarray:
         squeezed = [s for s in shape if s != 1]
         if len(squeezed) > 3 or (len(squeezed) == 3 and min(squeezed) > 8):
             raise ImageDecodeError(
-                f"image has shape {shape} (axes {axes}); only 2-D images with optional channels are "
-                "supported (project z-stacks or time series before extraction)"
+                f"image has shape {shape} (axes {axes}): a stack; choose a projection with --z / --t "
+                "(max, mean, middle, index:K)"
             )
         return series.asarray()
 
@@ -118,8 +119,8 @@ def _channels_last(arr: np.ndarray) -> np.ndarray:
             arr = np.moveaxis(arr, 0, -1)
         return arr
     raise ImageDecodeError(
-        f"image has shape {arr.shape}; only 2-D images with optional channels are supported "
-        "(project z-stacks or time series before extraction)"
+        f"image has shape {arr.shape} and no axis names in its metadata; use an OME-TIFF or ImageJ "
+        "hyperstack (then --z / --t choose a projection), or read it with --dataset bioio:PATH"
     )
 
 
@@ -262,3 +263,323 @@ def load_rgb(data: bytes, policy: IntensityPolicy, max_pixels: int = DEFAULT_MAX
         except Exception as exc:  # unreadable: same error as the general path
             raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return to_rgb(decode_bytes(data, max_pixels), policy)
+
+
+# ---- multi-dimensional images: channels, z-stacks, time, physical pixel size -------------------
+#
+# A row's pixels are a `PlaneSource`: a 5-D (T, C, Z, Y, X) image whose planes are asked for one
+# at a time (bioio reads a large scene in bounded blocks). `render` selects and projects planes, applies the
+# intensity policy to each channel, resamples to a physical pixel size and maps the channels to
+# one RGB image (rgb, composite) or one grayscale RGB image per channel (each).
+
+# Fiji's default composite colours, in order (R, G, B weights); channel i takes colour i mod 7.
+COMPOSITE_COLOURS = (
+    ("red", (1, 0, 0)),
+    ("green", (0, 1, 0)),
+    ("blue", (0, 0, 1)),
+    ("gray", (1, 1, 1)),
+    ("cyan", (0, 1, 1)),
+    ("magenta", (1, 0, 1)),
+    ("yellow", (1, 1, 0)),
+)
+
+
+class PlaneSource(Protocol):
+    """A (T, C, Z, Y, X) image read plane by plane; `shape` and `dtype` come from metadata."""
+
+    shape: tuple[int, int, int, int, int]
+    dtype: np.dtype
+    channel_names: tuple[str, ...]
+
+    def plane(self, t: int, c: int, z: int) -> np.ndarray: ...
+
+
+@dataclass
+class ArraySource:
+    """An image already in memory (PIL formats, plain TIFF), viewed as (T, C, Z, Y, X)."""
+
+    data: np.ndarray
+    channel_names: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def plane(self, t: int, c: int, z: int) -> np.ndarray:
+        return self.data[t, c, z]
+
+
+_KNOWN_AXES = set("TCZYX")
+
+
+def _tczyx(arr: np.ndarray, axes: str) -> np.ndarray | None:
+    """View an array with named axes as (T, C, Z, Y, X); None if the axes are not all known."""
+    axes = axes.replace("S", "C") if "S" in axes and "C" not in axes else axes
+    keep = [i for i, a in enumerate(axes) if a in _KNOWN_AXES or arr.shape[i] != 1]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if not set(axes) <= _KNOWN_AXES or len(set(axes)) != len(axes) or not {"Y", "X"} <= set(axes):
+        return None
+    missing = [a for a in "TCZYX" if a not in axes]
+    arr = arr.reshape(arr.shape + (1,) * len(missing))
+    order = axes + "".join(missing)
+    return np.transpose(arr, [order.index(a) for a in "TCZYX"])
+
+
+def _from_2d_or_channels_last(arr: np.ndarray) -> np.ndarray:
+    arr = _channels_last(arr)  # the single-image rule: 2-D, or a small channel axis
+    if arr.ndim == 2:
+        return arr[None, None, None]
+    return np.moveaxis(arr, -1, 0)[None, :, None]
+
+
+def decode_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ArraySource:
+    """Bytes to a (T, C, Z, Y, X) source. TIFF axes come from the file's metadata (ImageJ
+    hyperstack, OME, shaped); files without them follow the single-image rule."""
+    if not data:
+        raise ImageDecodeError("empty image data")
+    try:
+        if data[:4] in _TIFF_MAGIC:
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                series = tif.series[0]
+                shape, axes = tuple(series.shape), series.axes
+                spatial = [shape[axes.index(a)] for a in "YX" if a in axes] or sorted(shape, reverse=True)[:2]
+                if len(spatial) < 2:
+                    spatial = [*spatial, 1]
+                check_size(spatial[0], spatial[1], math.prod(shape) * series.dtype.itemsize, max_pixels)
+                arr = series.asarray()
+            view = _tczyx(arr, axes)
+            return ArraySource(view if view is not None else _from_2d_or_channels_last(arr))
+        with _pil_open(data, max_pixels) as im:
+            im.load()
+            arr = _pil_to_array(im)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # any decoder failure means one unreadable image, not a crash
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+    return ArraySource(_from_2d_or_channels_last(np.asarray(arr)))
+
+
+def _reduce(
+    rule: tuple[str, int] | None, n: int, get: Callable[[int], np.ndarray], what: str, dtype: np.dtype
+) -> np.ndarray:
+    """Project n planes with a rule; max keeps the dtype, mean sums in float32 (integer images are
+    rounded back to their type, so the intensity policy sees the same kind of data)."""
+    if n == 1:
+        return get(0)
+    if rule is None:
+        option = "--z" if what == "z" else "--t"
+        raise ImageDecodeError(
+            f"image has {n} {what}-planes; choose a projection with {option} max|mean|middle|index:K"
+        )
+    kind, k = rule
+    if kind == "index":
+        if k >= n:
+            raise ImageDecodeError(f"{what} index {k} is out of range: the image has {n} {what}-planes")
+        return get(k)
+    if kind == "middle":
+        return get(n // 2)
+    acc = np.array(get(0), dtype=dtype if kind == "max" else np.float32, copy=True)
+    for i in range(1, n):
+        if kind == "max":
+            np.maximum(acc, get(i), out=acc)
+        else:
+            acc += get(i)
+    if kind == "max":
+        return acc
+    acc /= np.float32(n)
+    if np.dtype(dtype).kind in "biu":
+        return np.rint(acc).astype(dtype)
+    return acc
+
+
+def project(
+    src: PlaneSource, chans: list[int], t_rule: tuple[str, int] | None, z_rule: tuple[str, int] | None
+) -> np.ndarray:
+    """The selected channels as (K, Y, X): z projected within each time point, then t across them.
+
+    Planes are asked for time point by time point, z by z, all channels of a z together, so a
+    source that reads blocks (bioio) reads each plane once."""
+    n_t, _, n_z = src.shape[:3]
+    dtype = src.dtype
+
+    def at_time(t: int) -> np.ndarray:
+        return _reduce(z_rule, n_z, lambda z: np.stack([src.plane(t, c, z) for c in chans]), "z", dtype)
+
+    return _reduce(t_rule, n_t, at_time, "t", dtype)
+
+
+def resolve_channels(tokens: tuple[str, ...] | None, names: tuple[str, ...], n: int) -> list[int]:
+    """Channel tokens (digits: index; else a name from the metadata) -> indices; all if None."""
+    if tokens is None:
+        return list(range(min(n, 3)))  # the single-image rule keeps the first three
+    out = []
+    for tok in tokens:
+        if tok.isdigit():
+            if int(tok) >= n:
+                raise ImageDecodeError(f"channel {tok} does not exist: the image has {n} channel(s)")
+            out.append(int(tok))
+            continue
+        exact = [i for i, name in enumerate(names) if name == tok]
+        loose = [i for i, name in enumerate(names) if name.lower() == tok.lower()]
+        found = exact or loose
+        if not found:
+            have = ", ".join(names) if names else "none in the metadata: use indices"
+            raise ImageDecodeError(f"no channel named {tok!r} (channel names: {have})")
+        out.append(found[0])
+    return out
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How a row's planes become model inputs (from ExtractConfig); `describe()` is provenance."""
+
+    policy: IntensityPolicy
+    channels: tuple[str, ...] | None = None
+    channel_mode: str = "rgb"
+    z: str | None = None
+    t: str | None = None
+    target_mpp: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PixelSpec:
+        return cls(
+            get_policy(cfg.intensity), cfg.channels, cfg.channel_mode, cfg.z, cfg.t, cfg.target_mpp, cfg.max_pixels
+        )
+
+    @property
+    def is_default(self) -> bool:
+        """Single 2-D images, first three channels: the original fast path (byte-identical stores)."""
+        return (self.channels, self.channel_mode, self.z, self.t, self.target_mpp) == (None, "rgb", None, None, None)
+
+    @property
+    def n_images(self) -> int:
+        """Model inputs per row: one per channel with `each`, else one."""
+        return len(self.channels or ()) if self.channel_mode == "each" else 1
+
+    def provenance(self) -> dict[str, Any] | None:
+        """None for the defaults (so stores made before these options existed still match)."""
+        if self.is_default:
+            return None
+        return {
+            "channels": list(self.channels) if self.channels else None,
+            "channel_mode": self.channel_mode,
+            "z": self.z,
+            "t": self.t,
+            "target_mpp": self.target_mpp,
+            "rule": self.describe(),
+        }
+
+    def describe(self) -> str:
+        parts = []
+        if self.channels is None:
+            parts.append("channels: the single-image rule, scaled together (gray->RGB, 2->RG0, >3->first three)")
+        else:
+            parts.append(f"channels {','.join(self.channels)} (digits: index; else the metadata's channel name)")
+            parts.append("the intensity policy applies to each channel on its own")
+            if self.channel_mode == "rgb":
+                parts.append("rgb: channels to R, G, B in order (one: gray, two: R, G and an empty B)")
+            elif self.channel_mode == "each":
+                parts.append(
+                    "each: every channel embedded as its own grayscale image; the row embedding is the mean "
+                    "of the L2-normalised channel embeddings"
+                )
+            else:
+                colours = ", ".join(name for name, _ in COMPOSITE_COLOURS)
+                parts.append(f"composite: channel i coloured {colours} (i mod 7), summed and clipped at 255")
+        for axis, rule in (("z", self.z), ("t", self.t)):
+            parts.append(
+                f"{axis}: {rule} (mean rounded to the image's integer type; middle = plane n // 2)"
+                if rule
+                else f"{axis}: a single plane required"
+            )
+        if self.target_mpp is not None:
+            parts.append(
+                f"resampled to {self.target_mpp:g} um/px (box filter down, bilinear up, after the intensity policy), "
+                "then centre-cropped or zero-padded to the model's input size so its resize keeps that scale; "
+                "rows without a pixel size are not resampled"
+            )
+        return "; ".join(parts)
+
+
+def resample(plane: np.ndarray, factor: float) -> np.ndarray:
+    """Scale a uint8 plane by `factor` (new = round(old * factor)): box filter (area average)
+    when shrinking, bilinear when enlarging."""
+    h, w = plane.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if size == (w, h):
+        return plane
+    method = Image.Resampling.BOX if factor < 1 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize(size, method))
+
+
+def fit(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop or zero-pad to (height, width): the model's resize then leaves the scale alone."""
+    h, w = plane.shape
+    top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
+    plane = plane[top : top + height, left : left + width]
+    if plane.shape == (height, width):
+        return plane
+    out = np.zeros((height, width), dtype=plane.dtype)
+    h, w = plane.shape
+    oy, ox = (height - h) // 2, (width - w) // 2
+    out[oy : oy + h, ox : ox + w] = plane
+    return out
+
+
+def _merge(planes: list[np.ndarray], mode: str) -> np.ndarray:
+    """uint8 planes -> one (H, W, 3) uint8 image (rgb or composite)."""
+    if mode == "composite" and len(planes) > 1:
+        acc = np.zeros((*planes[0].shape, 3), dtype=np.uint16)
+        for i, p in enumerate(planes):
+            for j, weight in enumerate(COMPOSITE_COLOURS[i % len(COMPOSITE_COLOURS)][1]):
+                if weight:
+                    acc[..., j] += p
+        return np.minimum(acc, 255).astype(np.uint8)
+    if len(planes) == 1:
+        return np.repeat(planes[0][..., None], 3, axis=-1)
+    zeros = [np.zeros_like(planes[0])] * (3 - len(planes))
+    return np.stack([*planes[:3], *zeros], axis=-1)
+
+
+def render(
+    src: PlaneSource, spec: PixelSpec, mpp: float | None = None, size: tuple[int, int] | None = None
+) -> list[Image.Image]:
+    """A row's model input image(s): select channels, project z/t, scale intensities, resample to
+    `spec.target_mpp` (when the row's `mpp` is known) and fit to `size` (H, W), map to RGB.
+
+    The declared size is checked against `max_pixels` before any plane is read."""
+    n_c, (height, width) = src.shape[1], src.shape[3:]
+    chans = resolve_channels(spec.channels, tuple(src.channel_names), n_c)
+    itemsize = max(np.dtype(src.dtype).itemsize, 4 if "mean" in (spec.z, spec.t) else 1)
+    check_size(height, width, height * width * max(len(chans), 1) * itemsize, spec.max_pixels)
+    t_rule, z_rule = parse_projection(spec.t, "--t"), parse_projection(spec.z, "--z")
+    if hasattr(src, "select"):  # sources that read several planes at once (bioio) read these together
+        src.select(chans)
+    planes = list(project(src, chans, t_rule, z_rule))
+    if spec.channels is None:  # the single-image rule: channels scaled together
+        arr = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+        rgb = np.asarray(to_rgb(arr, spec.policy))
+        scaled, mode = [rgb[..., i] for i in range(3)], "rgb"
+    else:
+        scaled, mode = (
+            [spec.policy(p if p.dtype != bool else p.astype(np.uint8) * 255) for p in planes],
+            spec.channel_mode,
+        )
+    if spec.target_mpp is not None and mpp is not None and np.isfinite(mpp) and mpp > 0:
+        factor = float(mpp) / spec.target_mpp
+        out_h, out_w = max(1, round(height * factor)), max(1, round(width * factor))
+        check_size(out_h, out_w, out_h * out_w * len(scaled), spec.max_pixels)
+        scaled = [resample(p, factor) for p in scaled]
+    if spec.target_mpp is not None and size is not None:
+        scaled = [fit(p, *size) for p in scaled]
+    if mode == "each":
+        return [Image.fromarray(np.ascontiguousarray(_merge([p], "rgb")), mode="RGB") for p in scaled]
+    return [Image.fromarray(np.ascontiguousarray(_merge(scaled, mode)), mode="RGB")]

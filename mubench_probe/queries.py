@@ -206,7 +206,11 @@ def hit_images(run: Run, rows: list[int]) -> list[bytes]:
     p = run.provenance
     limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
     ds = load_dataset(
-        p.get("dataset_spec") or "sample", split=p.get("split"), revision=p.get("dataset_revision"), limit=limit
+        p.get("dataset_spec") or "sample",
+        split=p.get("split"),
+        revision=p.get("dataset_revision"),
+        limit=limit,
+        scene=p.get("dataset_scene"),
     )
     if p.get("dataset_fingerprint") and ds.identity.get("fingerprint") != p["dataset_fingerprint"]:
         raise StoreError(

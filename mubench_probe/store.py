@@ -3,6 +3,7 @@
 Layout of a run group `MODEL/DATASET/SPLIT`:
   image_emb (N, D)   raw projector output (float16 by default); normalised on read
   features  (N, F)   optional pre-projection features
+  channel_emb (N, K, D) with `--channel-mode each`: one embedding per selected channel
   done      (chunks,) one flag per row chunk, set only after that chunk's arrays are written
   failure   (N,)     "" or the reason a row's image could not be used
   row_index (N,)     position of the row in the source dataset
@@ -50,7 +51,7 @@ FORMAT_VERSION = 2
 DEFAULT_STORE = Path("stores") / "default.zarr"
 CREATING = ".creating"  # runs being built, renamed into place when complete
 CLAIMS = ".claims"  # per-chunk claims of concurrent writers
-ROW_ARRAYS = ("image_emb", "features", "failure")  # chunked like the rows; one chunk per done flag
+ROW_ARRAYS = ("image_emb", "features", "failure", "channel_emb")  # chunked like the rows; one chunk per done flag
 # Keys of the provenance that must agree before new rows join an existing group.
 IDENTITY_KEYS = (
     "model_spec",
@@ -69,6 +70,8 @@ IDENTITY_KEYS = (
     "dtype",
     "chunk_rows",
     "features",
+    "pixels",  # channels, channel mode, z / t projection, target pixel size (None: single 2-D images)
+    "dataset_scene",
 )
 _BUILDING: set[str] = set()  # .creating folders this process is building right now
 _WRITE = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
@@ -113,6 +116,7 @@ class RunLayout:
     chunk_rows: int = 256
     dtype: str = "float16"
     feature_dim: int | None = None
+    channels: int = 0  # per-channel embeddings stored (channel_emb), 0 = none
 
     @property
     def n_chunks(self) -> int:
@@ -274,7 +278,9 @@ class Run:
     @property
     def layout(self) -> RunLayout:
         p = self.provenance
-        return RunLayout(p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"))
+        return RunLayout(
+            p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"), p.get("channel_emb") or 0
+        )
 
     def record(self) -> dict[str, Any] | None:
         """Provenance, prompt plan and texts digest if they pass the digest: from the group, else its copy."""
@@ -370,15 +376,24 @@ class Run:
         return self._array(name).with_config(_WRITE)
 
     def write_chunk(
-        self, ci: int, emb: np.ndarray, failures: Sequence[str], features: np.ndarray | None = None
+        self,
+        ci: int,
+        emb: np.ndarray,
+        failures: Sequence[str],
+        features: np.ndarray | None = None,
+        channel_emb: np.ndarray | None = None,
     ) -> None:
         """Write one whole row chunk, then flag it done (a crash before the flag redoes it)."""
         sl = self.layout.chunk_slice(ci)
         if emb.shape[0] != sl.stop - sl.start:
             raise StoreError(f"chunk {ci} expects {sl.stop - sl.start} rows, got {emb.shape[0]}")
+        if (channel_emb is None) != (self.layout.channels == 0):
+            raise StoreError(f"chunk {ci}: per-channel embeddings are {'missing' if channel_emb is None else 'extra'}")
         self._writable("image_emb")[sl] = emb.astype(self.layout.dtype)
         if features is not None and "features" in self.group:
             self._writable("features")[sl] = features.astype(self.layout.dtype)
+        if channel_emb is not None:
+            self._writable("channel_emb")[sl] = channel_emb.astype(self.layout.dtype)
         self._writable("failure")[sl] = _str_array(list(failures))
         self._writable("done")[ci] = True
 
@@ -408,6 +423,20 @@ class Run:
     def image_embeddings(self, normalize: bool = True) -> np.ndarray:
         self.require_intact()
         x = np.asarray(self._read("image_emb"), dtype=np.float32)
+        return l2_normalize(x) if normalize else x
+
+    @property
+    def channel_labels(self) -> list[str]:
+        """The channels with their own stored embeddings (`--channel-mode each`), as selected."""
+        pixels = self.provenance.get("pixels") or {}
+        return [str(c) for c in pixels.get("channels") or []] if self.layout.channels else []
+
+    def channel_embeddings(self, k: int, normalize: bool = True) -> np.ndarray:
+        """The (N, D) embeddings of the k-th selected channel (only `--channel-mode each` runs)."""
+        if not self.layout.channels:
+            raise StoreError(f"{self.path} has no per-channel embeddings (extract with --channel-mode each)")
+        self.require_intact()
+        x = np.asarray(self._read("channel_emb", (slice(None), k)), dtype=np.float32)
         return l2_normalize(x) if normalize else x
 
     def features(self) -> np.ndarray | None:
@@ -485,6 +514,8 @@ class Run:
         }
         if lay.feature_dim is not None:
             out["features"] = ((n, lay.feature_dim), (cr, lay.feature_dim))
+        if lay.channels:
+            out["channel_emb"] = ((n, lay.channels, d), (cr, lay.channels, d))
         for col in self.provenance.get("meta_columns", []):
             out[f"meta/{col}"] = ((n,), (max(n, 1),))
         for key in self.caption_keys():
@@ -535,7 +566,9 @@ class Run:
             for name, arr in arrays.items():
                 if name == "done":
                     continue  # read chunk by chunk above
-                only = {(int(ci), 0)[: arr.ndim] for ci in np.flatnonzero(done)} if name in ROW_ARRAYS else None
+                only = (
+                    {(int(ci),) + (0,) * (arr.ndim - 1) for ci in np.flatnonzero(done)} if name in ROW_ARRAYS else None
+                )
                 out += self._damaged_chunks(arr, name, only)
         return out
 
@@ -677,6 +710,9 @@ def _create_row_array(g: zarr.Group, name: str, layout: RunLayout) -> zarr.Array
     if name == "features":
         fd = layout.feature_dim or 0
         return g.create_array(name, shape=(n, fd), chunks=(cr, fd), dtype=layout.dtype, fill_value=0, **kw)
+    if name == "channel_emb":
+        k, d = layout.channels, layout.embed_dim
+        return g.create_array(name, shape=(n, k, d), chunks=(cr, k, d), dtype=layout.dtype, fill_value=0, **kw)
     if name == "done":
         return g.create_array(name, shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False, **kw)
     if name == "failure":
@@ -797,6 +833,34 @@ class RunArrays:
     @cached_property
     def text_emb(self) -> np.ndarray | None:
         return self.run.text_embeddings() if self.run.has_text else None
+
+
+class ChannelArrays(RunArrays):
+    """One channel's view of a `--channel-mode each` run: its own embeddings, the run's other arrays."""
+
+    def __init__(self, base: RunArrays, k: int) -> None:
+        super().__init__(base.run)
+        self.base, self.k = base, k
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        return self.run.channel_embeddings(self.k)
+
+    @property
+    def valid(self) -> np.ndarray:  # type: ignore[override]
+        return self.base.valid
+
+    @property
+    def meta(self) -> pd.DataFrame:  # type: ignore[override]
+        return self.base.meta
+
+    @property
+    def texts(self) -> list[str] | None:  # type: ignore[override]
+        return self.base.texts
+
+    @property
+    def text_emb(self) -> np.ndarray | None:  # type: ignore[override]
+        return self.base.text_emb
 
 
 def _now() -> str:
@@ -978,6 +1042,8 @@ class EmbeddingStore:
             "features": layout.feature_dim is not None,
             "meta_columns": [str(c) for c in meta.columns],
         }
+        if layout.channels:  # absent otherwise: provenance of runs without it stays as it was
+            provenance["channel_emb"] = layout.channels
         self.cleanup()
         args = (path, provenance, layout, meta, texts, captions, prompts)
         for _ in range(3):
@@ -1101,7 +1167,11 @@ def _build_run(
     prompts: Mapping[str, Any],
 ) -> None:
     """Every array of a new run, then its attributes (the group is renamed into place after)."""
-    for name in ("image_emb", *(("features",) if layout.feature_dim is not None else ()), "done", "failure"):
+    optional = (
+        *(("features",) if layout.feature_dim is not None else ()),
+        *(("channel_emb",) if layout.channels else ()),
+    )
+    for name in ("image_emb", *optional, "done", "failure"):
         arr = _create_row_array(g, name, layout)
         if name == "done":
             arr[:] = False  # every flag gets a file: a deleted flag is then detected, not read as False

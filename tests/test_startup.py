@@ -17,8 +17,10 @@ def test_the_evaluation_and_store_paths_do_not_import_torch():
     assert _imported_after("import mubench_probe, mubench_probe.evaluation, mubench_probe.queries") == []
 
 
-def test_store_reading_commands_do_not_import_torch(tiny_store):
+def test_store_reading_commands_do_not_import_torch(tiny_store, tmp_path):
     for args in (
+        ["export", str(tiny_store), str(tmp_path / "e.parquet"), "--to", "parquet"],
+        ["export", str(tiny_store), str(tmp_path / "e.h5ad")],
         ["info", str(tiny_store)],
         ["verify", str(tiny_store)],
         ["evaluate", "--help"],

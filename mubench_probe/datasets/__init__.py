@@ -6,9 +6,11 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import DatasetUnavailableError
-from .base import CaptionItem, DatasetFormat, ImageReader, LoadedDataset, slug
+from .base import CaptionItem, DatasetFormat, ImageReader, LoadedDataset, reads_planes, row_source, slug
+from .bioio import BioioCsvFormat, BioioFolderFormat
 from .files import CsvFormat, FolderFormat
 from .hf import MUBENCH_ID, MUBENCH_REVISION, MUBENCH_SPLIT, DiskFormat, FilesFormat, HubFormat
+from .wds import WebDatasetFormat
 
 
 def sample_path() -> Path:
@@ -34,23 +36,31 @@ FORMATS: list[DatasetFormat] = [
     SampleFormat(),
     DiskFormat(),
     FilesFormat(),
+    WebDatasetFormat(),
+    BioioCsvFormat(),  # before the plain CSV and folder formats: they would take these files as bytes
     CsvFormat(),
+    BioioFolderFormat(),
     FolderFormat(),
     HubFormat(),
 ]
 
 
 def load_dataset(
-    spec: str = MUBENCH_ID, split: str | None = None, revision: str | None = None, limit: int | None = None
+    spec: str = MUBENCH_ID,
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+    scene: str | None = None,
 ) -> LoadedDataset:
-    """Resolve a dataset spec through the registry; `limit` keeps the first rows."""
+    """Resolve a dataset spec through the registry; `scene` keeps one scene of multi-scene
+    microscopy files (an index or a name), then `limit` keeps the first rows."""
     split = split or MUBENCH_SPLIT
     for fmt in FORMATS:
         if fmt.matches(spec):
-            return fmt.load(spec, split, revision).head(limit)
+            return fmt.load(spec, split, revision).select_scene(scene).head(limit)
     raise DatasetUnavailableError(
         f"cannot tell what dataset {spec!r} is: not 'sample', a save_to_disk folder, parquet/arrow "
-        "files, a CSV manifest, an image folder, or a Hub id ORG/NAME (does the path exist?)"
+        "files, WebDataset .tar shards, a CSV manifest, an image folder, or a Hub id ORG/NAME (does the path exist?)"
     )
 
 
@@ -63,6 +73,8 @@ __all__ = [
     "ImageReader",
     "LoadedDataset",
     "load_dataset",
+    "reads_planes",
+    "row_source",
     "sample_path",
     "slug",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import pandas as pd
+
+from ..errors import DatasetUnavailableError
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,31 @@ class CaptionItem:
 
 
 class ImageReader(Protocol):
-    """Returns the raw encoded bytes of row i; must survive a fork into DataLoader workers."""
+    """Returns the raw encoded bytes of row i; must survive a fork into DataLoader workers.
+
+    A reader of files that are not one encoded image (bioio formats) also has
+    `source(i, max_pixels) -> PlaneSource`: the row's pixels, read plane by plane (see
+    `row_source`, which decodes the bytes of every other reader).
+    """
 
     def __len__(self) -> int: ...
 
     def read(self, i: int) -> bytes: ...
+
+
+def reads_planes(reader: ImageReader) -> bool:
+    """Whether the reader underneath any row selection reads planes itself (bioio) instead of bytes."""
+    while isinstance(reader, _HeadReader | _RowsReader):
+        reader = reader.inner
+    return getattr(reader, "source", None) is not None
+
+
+def row_source(reader: ImageReader, i: int, max_pixels: int) -> Any:
+    """Row i as a (T, C, Z, Y, X) PlaneSource: the reader's own, or its bytes decoded."""
+    from ..imaging import decode_source
+
+    own = getattr(reader, "source", None)
+    return own(i, max_pixels) if own is not None else decode_source(reader.read(i), max_pixels)
 
 
 @dataclass
@@ -55,6 +77,32 @@ class LoadedDataset:
             captions={k: v[:n] for k, v in self.captions.items()},
         )
 
+    def select_scene(self, scene: str | None) -> LoadedDataset:
+        """Only the rows of one scene of multi-scene files (`--scene`: an index or a scene name);
+        identity records it. Datasets without scenes refuse it."""
+        if scene is None:
+            return self
+        if "scene" not in self.meta.columns:
+            raise DatasetUnavailableError(
+                f"--scene applies to microscopy files read with bioio (OME-TIFF, OME-Zarr, CZI, ND2, LIF); "
+                f"{self.spec} has no scenes"
+            )
+        by_index = self.meta["scene_index"].astype(str) == scene if "scene_index" in self.meta else False
+        keep = (self.meta["scene"].astype(str) == scene) | by_index
+        rows = [int(i) for i in keep.to_numpy().nonzero()[0]]
+        if not rows:
+            have = ", ".join(sorted({str(v) for v in self.meta["scene"]})[:10])
+            raise DatasetUnavailableError(f"no scene {scene!r} in {self.spec} (scenes: {have})")
+        return LoadedDataset(
+            spec=self.spec,
+            key=self.key,
+            split=self.split,
+            identity={**self.identity, "scene": scene},
+            meta=self.meta.iloc[rows].reset_index(drop=True),
+            reader=_RowsReader(self.reader, rows),
+            captions={k: [v[i] for i in rows] for k, v in self.captions.items()},
+        )
+
 
 @dataclass
 class _HeadReader:
@@ -66,6 +114,24 @@ class _HeadReader:
 
     def read(self, i: int) -> bytes:
         return self.inner.read(i)
+
+    def source(self, i: int, max_pixels: int) -> Any:
+        return row_source(self.inner, i, max_pixels)
+
+
+@dataclass
+class _RowsReader:
+    inner: ImageReader
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, i: int) -> bytes:
+        return self.inner.read(self.rows[int(i)])
+
+    def source(self, i: int, max_pixels: int) -> Any:
+        return row_source(self.inner, self.rows[int(i)], max_pixels)
 
 
 class DatasetFormat(Protocol):

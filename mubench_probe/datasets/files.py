@@ -81,25 +81,31 @@ class CsvFormat:
 
     def load(self, spec: str, split: str, revision: str | None) -> LoadedDataset:
         path = Path(spec)
-        if not path.is_file():
-            raise DatasetUnavailableError(f"CSV manifest {path} does not exist")
-        try:
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        except (OSError, csv.Error, UnicodeDecodeError) as exc:
-            raise DatasetUnavailableError(f"cannot read CSV manifest {path}: {exc}") from exc
-        if not rows or not {"path", "label"} <= set(rows[0]):
-            raise DatasetUnavailableError(f"{path}: needs a header with at least 'path' and 'label'")
-        meta = pd.DataFrame(rows).rename(columns={"label": "label_name"})
-        if "dataset" not in meta.columns:
-            meta["dataset"] = path.stem
+        meta, ident = read_manifest(path)
         root = path.parent
         rels = list(meta["path"])
-        ident = _identity("csv", root, rels)
-        ident.update(
-            id=str(path.resolve()),
-            name=path.stem,
-            fingerprint=fingerprint_strings([path.read_text(), ident["fingerprint"] or ""]),
-            manifest_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        )
         return LoadedDataset(spec, slug(path.stem), split, ident, meta, PathImageReader([str(root / r) for r in rels]))
+
+
+def read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """A CSV manifest's rows (label -> label_name, a `dataset` column added) and its identity."""
+    if not path.is_file():
+        raise DatasetUnavailableError(f"CSV manifest {path} does not exist")
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetUnavailableError(f"cannot read CSV manifest {path}: {exc}") from exc
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DatasetUnavailableError(f"{path}: needs a header with at least 'path' and 'label'")
+    meta = pd.DataFrame(rows).rename(columns={"label": "label_name"})
+    if "dataset" not in meta.columns:
+        meta["dataset"] = path.stem
+    ident = _identity("csv", path.parent, list(meta["path"]))
+    ident.update(
+        id=str(path.resolve()),
+        name=path.stem,
+        fingerprint=fingerprint_strings([path.read_text(), ident["fingerprint"] or ""]),
+        manifest_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
+    return meta, ident
