@@ -886,13 +886,8 @@ class EmbeddingStore:
         if not marker.exists() and not (repair and self.path.is_dir()):
             if not create:
                 raise StoreError(f"no store at {self.path} (run `probe extract --store {self.path}`)")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-            except zarr.errors.ContainsGroupError:  # another writer created the store at this moment
-                self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-            if "mubench_probe_store" not in self.root.attrs:
-                self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
+            self._create_root(marker)
+            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
             return
         try:
             self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
@@ -913,6 +908,28 @@ class EmbeddingStore:
                 f"{self.path} was written by another version of probe (store format {version}; this probe "
                 f"reads format {FORMAT_VERSION}): extract again into a new --store"
             )
+
+    def _create_root(self, marker: Path) -> None:
+        """Write the root's zarr.json whole, marker attribute included, and link it into place.
+
+        A writer opening the store at the same moment then sees either no store or a complete,
+        marked one (never a group without its attribute, or a half-written file); the first link
+        wins and the others use it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "attributes": {"mubench_probe_store": FORMAT_VERSION, "created": _now()},
+            "zarr_format": 3,
+            "node_type": "group",
+        }
+        tmp = self.path / f".zarr.json.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(meta, indent=2))
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            pass  # another writer created the store at this moment
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # ---- listing ----------------------------------------------------------------------------
     def _open(self, path: str) -> Run | BrokenRun:
