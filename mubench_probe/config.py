@@ -62,6 +62,8 @@ DTYPES = ("float16", "float32")
 INTENSITY_POLICIES = ("percentile", "minmax", "dtype")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 DEFAULT_CLAIM_TIMEOUT = 300.0
+LAUNCHERS = ("local", "slurm", "ray")
+PROBE_BACKENDS = ("auto", "sklearn", "torch")
 
 
 PACKAGES = ("mubench-probe", "torch", "open_clip_torch", "timm", "zarr", "numpy", "datasets", "pillow", "scikit-learn")
@@ -87,6 +89,44 @@ def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
             raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
         out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
     return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`I/N` (0 <= I < N) -> (I, N); `auto` takes the rank from torchrun (RANK, WORLD_SIZE) or a
+    Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); None/empty -> no sharding."""
+    import os
+
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text == "auto":
+        env = os.environ
+        for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+            if env.get(rank, "").isdigit() and env.get(size, "").isdigit():
+                return check_shard((int(env[rank]), int(env[size])))
+        raise UsageError("--shard auto: no RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/COUNT in the environment")
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+        raise UsageError(f"--shard takes I/N (e.g. 0/4) or auto, not {text!r}")
+    return check_shard((int(i), int(n)))
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    i, n = (int(v) for v in shard)
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
+    return (i, n)
+
+
+def shard_of(chunk: int, shards: int) -> int:
+    """The fixed assignment of row chunks to shards: chunk ci belongs to shard ci mod N.
+
+    Chunk-aligned (a shard writes whole chunks only) and interleaved, so every shard gets the
+    same number of chunks (+-1) and the same mix of easy and hard rows along the dataset.
+    """
+    return chunk % shards
 
 
 def read_templates(path: str | Path | None) -> tuple[str, ...]:
@@ -130,7 +170,8 @@ class ExtractConfig(_Config):
     Everything but the model and the dataset: forward-pass settings (batch, workers, device,
     precision), what is stored (dtype, chunk size, pre-projection features), how raw intensities
     become RGB (`intensity`, `max_pixels`), which class prompts are embedded (`templates`),
-    and how concurrent writers coordinate (`claim_timeout`).
+    and how concurrent writers coordinate (`claim_timeout`, and `shard`: which chunks this
+    process computes when N processes fill one store).
     """
 
     batch_size: int = 64
@@ -145,8 +186,12 @@ class ExtractConfig(_Config):
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
+    shard: tuple[int, int] | None = None  # (I, N): only the chunks ci with ci % N == I (see shard_of)
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "shard", parse_shard(self.shard) if isinstance(self.shard, str) else check_shard(self.shard)
+        )
         if isinstance(self.templates, str | Path):  # a templates file
             object.__setattr__(self, "templates", read_templates(self.templates))
         else:

@@ -83,6 +83,12 @@ class IndexCache:
     """`<store>.indexes/<group>--<modality>--<factory>.faiss` with a JSON of its IndexInfo."""
 
     def __init__(self, store_path: str | Path) -> None:
+        from .locations import is_url
+
+        if is_url(store_path):  # an object store: indexes are a local cache, beside the working directory
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(store_path))
+            self.root = Path(".probe-indexes") / safe
+            return
         p = Path(store_path)
         self.root = p.with_name(p.name + ".indexes")
 
