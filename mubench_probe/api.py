@@ -352,8 +352,16 @@ def evaluate(
     force: bool = False,
     jobs: int = 1,
     progress: Callable[[Unit, int, int], None] | None = None,
+    launcher: str | None = None,
+    resources: Resources | None = None,
+    address: str | None = None,
+    log_dir: str | Path | None = None,
+    cluster: str = "slurm",
 ) -> EvaluationResult:
-    """Score every head on every task from the store alone (never loads a model or an image)."""
+    """Score every head on every task from the store alone (never loads a model or an image).
+
+    `jobs` > 1 evaluates units in that many processes; `launcher` "ray" or "slurm" spreads them
+    over a cluster (`resources`, `address`, `log_dir`, `cluster` as for `launch_extract`)."""
     from .evaluation import evaluate_store
 
     tmpl = _templates(templates) if templates is not None else None  # None: the templates extracted
@@ -367,6 +375,8 @@ def evaluate(
         force=force,
         jobs=jobs,
         progress=progress,
+        launcher=launcher,
+        launch={"resources": resources, "address": address, "log_dir": log_dir, "cluster": cluster},
     )
 
 

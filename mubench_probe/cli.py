@@ -32,6 +32,7 @@ from rich.text import Text
 
 from . import api
 from .errors import ProbeError, StoreDamageError, UsageError
+from .launch import Resources
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -241,8 +242,6 @@ def extract(
 def _launch(models, dataset, store, cfg, launcher, shards, split, revision, limit, log_dir, address, cluster,
             partition, gpus, cpus, mem, time, parallelism) -> None:  # fmt: skip
     """--launcher: start the shards and say where they are (and wait where the launcher does)."""
-    from .launch import Resources
-
     res = Resources(partition, gpus, cpus, mem, time, parallelism)
     err.print(f"{launcher}: {shards} shard(s) of {', '.join(models)} on {dataset} -> {store}", highlight=False)
     launched = api.launch_extract(
@@ -360,8 +359,31 @@ def evaluate(
     coarse_exclude_dataset: Annotated[
         list[str] | None, typer.Option(help="... of the coarse caption scores only.")
     ] = None,
-    jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
+    jobs: Annotated[int, typer.Option(help="Units evaluated in parallel, in separate processes.", min=1)] = 1,
     force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
+    knn_index: Annotated[
+        str,
+        typer.Option(
+            help="FAISS factory[:params] proposing kNN candidates (re-scored exactly), e.g. IVF4096,Flat:nprobe=32 "
+            "or HNSW32; recall@10 vs exact search is reported. Flat = exact."
+        ),
+    ] = "Flat",
+    probe_backend: Annotated[
+        str, typer.Option(help="Linear-probe solver: auto (torch on a GPU), sklearn, torch (same objective).")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="Device for the torch probe and FAISS: auto, cpu, cuda.")] = "auto",
+    launcher: Annotated[
+        str | None, typer.Option(help="Spread units over a cluster: ray (tasks) or slurm (job array via submitit).")
+    ] = None,
+    gpus_per_job: Annotated[int, typer.Option(help="ray/slurm: GPUs per unit.", min=0)] = 0,
+    cpus_per_job: Annotated[int | None, typer.Option(help="ray/slurm: CPUs per unit.", min=1)] = None,
+    partition: PartitionOpt = None,
+    mem: MemOpt = None,
+    time: TimeOpt = None,
+    array_parallelism: ParallelOpt = None,
+    address: AddressOpt = None,
+    log_dir: LogDirOpt = None,
+    submitit_cluster: ClusterOpt = "slurm",
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
     given = {
@@ -386,6 +408,9 @@ def evaluate(
         "shots": _ints(shots, "--shots"),
         "fewshot_seeds": fewshot_seeds,
         "ks": _ints(knn_k, "--knn-k"),
+        "knn_index": knn_index,
+        "probe_backend": probe_backend,
+        "device": device,
     }
     overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
     cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
@@ -408,6 +433,11 @@ def evaluate(
             force=force,
             jobs=jobs,
             progress=tick,
+            launcher=launcher,
+            resources=Resources(partition, gpus_per_job, cpus_per_job, mem, time, array_parallelism),
+            address=address,
+            log_dir=log_dir,
+            cluster=submitit_cluster,
         )
     summ = api.summary(res.table)
     for model_name, rows in summ.groupby("model", sort=True) if len(summ) else []:

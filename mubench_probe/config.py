@@ -129,6 +129,28 @@ def shard_of(chunk: int, shards: int) -> int:
     return chunk % shards
 
 
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU that torch can use (checked without importing torch first)."""
+    import os
+
+    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(backend: str, device: str | None = None) -> str:
+    """auto -> torch on a GPU (`device` cuda, or auto with a GPU present), else sklearn."""
+    if backend != "auto":
+        return backend
+    if device and str(device).startswith("cuda"):
+        return "torch"
+    return "torch" if device in (None, "auto") and gpu_present() else "sklearn"
+
+
 def read_templates(path: str | Path | None) -> tuple[str, ...]:
     """One template per line with a `{}` for the class name; blank lines and # comments skipped."""
     if path is None:
@@ -243,8 +265,15 @@ class EvalConfig(_Config):
     fine_exclude_datasets: tuple[str, ...] = ()  # ... or of one group only
     coarse_exclude_datasets: tuple[str, ...] = ()
     strata: tuple[str, ...] = STRATA
+    knn_index: str = "Flat"  # a FAISS factory[:params] for kNN candidates (exact re-scoring either way)
+    probe_backend: str = "auto"  # the linear probe's solver: sklearn, torch, or auto (torch on a GPU)
+    device: str = "auto"  # where the probe (torch) and FAISS indexes run: auto, cpu, cuda, cuda:1
 
     def __post_init__(self) -> None:
+        if self.probe_backend not in PROBE_BACKENDS:
+            raise UsageError(f"--probe-backend must be one of {', '.join(PROBE_BACKENDS)}, not {self.probe_backend!r}")
+        if not self.knn_index.strip():
+            raise UsageError("--knn-index needs a FAISS factory string (Flat, IVF4096,Flat, HNSW32, ...)")
         bad = sorted(set(self.heads) - set(HEADS))
         if bad or not self.heads:
             raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")
@@ -274,6 +303,19 @@ class EvalConfig(_Config):
         if name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def cache_dict(self) -> dict[str, Any]:
+        """What keys the results cache: every field, minus where the work runs (`device`), with the
+        probe backend resolved; settings at their single-machine defaults are left out, so results
+        computed before these settings existed are still found."""
+        d = self.as_dict()
+        d.pop("device")
+        probes = {"lp", "fewshot"} & set(self.heads)
+        d["probe_backend"] = resolve_backend(self.probe_backend, self.device) if probes else "sklearn"
+        for key, default in (("knn_index", "Flat"), ("probe_backend", "sklearn")):
+            if d[key] == default:
+                d.pop(key)
+        return d
 
     def templates_for(self, group: str) -> str:
         own = self.fine_templates if group == "fine" else self.coarse_templates

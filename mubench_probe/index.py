@@ -79,6 +79,64 @@ def build_index(x: np.ndarray, factory: str = EXACT, recall_sample: int = 1000, 
     return index, info
 
 
+DEFAULT_PARAMS = {"IVF": "nprobe=32", "HNSW": "efSearch=128"}  # FAISS' defaults (nprobe=1) miss most neighbours
+_GPU: list = []
+TRAIN_PER_LIST = 64  # training vectors per IVF list (FAISS wants 30-256)
+
+
+def parse_factory(spec: str) -> tuple[str, str]:
+    """`FACTORY[:PARAMS]` -> (factory, params), e.g. "IVF4096,Flat:nprobe=64" or "HNSW32:efSearch=256".
+
+    Without PARAMS an IVF index searches nprobe=32 lists and HNSW uses efSearch=128."""
+    factory, _, params = spec.partition(":")
+    factory = factory.strip()
+    if not params:
+        params = next((p for prefix, p in DEFAULT_PARAMS.items() if prefix in factory), "")
+    return factory, params.strip()
+
+
+def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
+    """An approximate inner-product index over a gallery (array or RowView), added block by block.
+
+    IVF indexes are trained on a seeded sample of TRAIN_PER_LIST vectors per list; `PARAMS`
+    (see parse_factory) are set for the search. With `device` cuda and a GPU build of FAISS
+    (faiss-gpu) the index moves to the GPU; otherwise it stays on the CPU.
+    """
+    import faiss
+
+    from .heads.scoring import RowView
+
+    view = gallery if isinstance(gallery, RowView) else RowView(np.asarray(gallery, dtype=np.float32))
+    factory, params = parse_factory(spec)
+    try:
+        index = faiss.index_factory(view.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+    if not index.is_trained:
+        try:
+            nlist = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:
+            nlist = 1
+        if len(view) < nlist:
+            raise UsageError(f"index {factory!r} needs at least {nlist} vectors to train; have {len(view)}")
+        rng = np.random.default_rng(seed)
+        n_train = min(len(view), max(TRAIN_PER_LIST * nlist, 1000))
+        sample = np.sort(rng.choice(len(view), size=n_train, replace=False))
+        index.train(np.ascontiguousarray(view[sample], dtype=np.float32))
+    for _, block in view.blocks():
+        index.add(block)
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise UsageError(f"FAISS index {factory!r}: cannot set {params!r} ({str(exc).splitlines()[0]})") from None
+    if device and str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
+        dev = int(str(device).partition(":")[2] or 0)
+        _GPU.append(faiss.StandardGpuResources())  # must outlive the index
+        index = faiss.index_cpu_to_gpu(_GPU[-1], dev, index)
+    return index
+
+
 class IndexCache:
     """`<store>.indexes/<group>--<modality>--<factory>.faiss` with a JSON of its IndexInfo."""
 

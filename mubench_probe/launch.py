@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,8 +125,25 @@ class Launch:
     def wait(self) -> list[Any]:
         """Results of every shard (blocks for submitit jobs)."""
         if self.results is None:
-            self.results = [h.result() for h in self.handles]
+            self.results = [_job_result(h) for h in self.handles]
         return self.results
+
+    def as_completed(self) -> Iterator[Any]:
+        """submitit jobs' results in the order they finish."""
+        submitit = need("submitit", "slurm", "--launcher slurm")
+        for job in submitit.helpers.as_completed(self.handles, poll_frequency=0.5):
+            yield _job_result(job)
+
+
+def _job_result(job: Any) -> Any:
+    """A submitit job's result; its failure as one line (the job's own error, its log folder)."""
+    import submitit
+
+    try:
+        return job.result()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+        last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or ["?"]
+        raise ProbeError(f"job {job.job_id} failed: {last[0]} (logs: {job.paths.folder})") from None
 
 
 # ---- local processes ------------------------------------------------------------------------------
@@ -285,15 +302,15 @@ def _which(cmd: str) -> bool:
 # ---- Ray ------------------------------------------------------------------------------------------
 
 
-def launch_ray(
+def ray_results(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
     resources: Resources,
     address: str | None = None,
     notify: NotifyFn | None = None,
     label: Callable[[Any], str] = str,
-) -> Launch:
-    """One Ray task per item (num_gpus / num_cpus from `resources`); waits for all of them."""
+) -> Iterator[tuple[int, Any]]:
+    """One Ray task per item (num_gpus / num_cpus from `resources`): (index, result) as each finishes."""
     ray = need("ray", "ray", "--launcher ray")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
@@ -302,20 +319,39 @@ def launch_ray(
     )
     refs = [task.remote(item) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
     pending, t0 = list(refs), time.perf_counter()
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
             i = index[ref]
             try:
-                results[i] = ray.get(ref)
+                result = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the task's own error, one line
                 cause = getattr(exc, "cause", None) or exc
                 raise ProbeError(f"ray task {label(items[i])} failed: {type(cause).__name__}: {cause}") from None
             if notify:
                 notify(f"{label(items[i])} finished after {time.perf_counter() - t0:.0f} s")
-    return Launch("ray", [ref.task_id().hex() for ref in refs], None, results)
+            yield i, result
+
+
+def launch_ray(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    resources: Resources,
+    address: str | None = None,
+    notify: NotifyFn | None = None,
+    label: Callable[[Any], str] = str,
+    stream: bool = False,
+) -> Any:
+    """Run `fn(item)` as Ray tasks and wait: a Launch with every result, or (`stream`) the results
+    in the order they finish."""
+    results = ray_results(fn, items, resources, address, notify, label)
+    if stream:
+        return (r for _, r in results)
+    out: list[Any] = [None] * len(items)
+    for i, r in results:
+        out[i] = r
+    return Launch("ray", [str(i) for i in range(len(items))], None, out)
 
 
 def launch_extract(

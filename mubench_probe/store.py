@@ -83,6 +83,7 @@ IDENTITY_KEYS = (
 )
 _BUILDING: set[str] = set()  # .creating folders this process is building right now
 CREATE_WAIT_S = 0.25  # how often a writer looks again at a run another writer is creating (object stores)
+READ_BLOCK_BYTES = 64 << 20  # embeddings are read and normalised this much stored data at a time
 _WRITE = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
 # What zarr, its JSON metadata parser and its codecs raise on a damaged or missing file.
 _DAMAGE = (ValueError, LookupError, TypeError)
@@ -97,6 +98,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def normalize_rows(x: np.ndarray) -> None:
+    """`l2_normalize` in place, for float32 x (the same values, without a second array)."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    ok = n > 0
+    np.divide(x, n, out=x, where=ok)
+    x[~ok[:, 0]] = 0.0
 
 
 def digest(obj: Any) -> str:
@@ -408,9 +417,21 @@ class Run:
         self._intact = True
 
     def image_embeddings(self, normalize: bool = True) -> np.ndarray:
+        """The (N, D) float32 embeddings, L2-normalised: read and normalised a block of chunks at a
+        time into one float32 array, so reading holds that array plus one block (not the stored
+        float16 array, a float32 copy and a normalised copy at once)."""
         self.require_intact()
-        x = np.asarray(self._read("image_emb"), dtype=np.float32)
-        return l2_normalize(x) if normalize else x
+        arr = self._array("image_emb")
+        n, d = arr.shape
+        out = np.empty((n, d), dtype=np.float32)
+        cr = max(arr.chunks[0], 1)
+        step = max(cr, READ_BLOCK_BYTES // max(d * arr.dtype.itemsize, 1) // cr * cr)
+        for s in range(0, n, step):
+            block = out[s : s + step]
+            block[:] = self._read("image_emb", slice(s, s + step))
+            if normalize:
+                normalize_rows(block)
+        return out
 
     def features(self) -> np.ndarray | None:
         self.require_intact()

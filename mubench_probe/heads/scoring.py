@@ -17,7 +17,8 @@ by the lower index by construction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,44 @@ FRACTION_BITS = 24
 _SCALE = float(2**FRACTION_BITS)
 _MAX_NORM = 4.0  # |a| * |b| <= 16 keeps every partial sum below 2^52 (Cauchy-Schwarz)
 BLOCK_ROWS = 4096
+LARGE_CELLS = 1 << 26  # galleries above this many floats (256 MB float32) are never copied whole
+GATHER_ROWS = 65536  # rows gathered at a time from a RowView
+
+
+class RowView:
+    """Rows `rows` of `x`, without copying them: heads index it like an array (x[rows[idx]]).
+
+    At a million rows a fold's training rows are most of the run; copying them (and then FAISS
+    copying them again) is what made evaluation hold several times the embeddings. A RowView
+    gathers blocks of rows only when they are used.
+    """
+
+    def __init__(self, x: np.ndarray, rows: np.ndarray | None = None) -> None:
+        self.x = x
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.x) if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.x.shape[1])
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return self.x[idx] if self.rows is None else self.x[self.rows[idx]]
+
+    def blocks(self, size: int = GATHER_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, contiguous float32 block) over all rows, in order."""
+        for s in range(0, len(self), size):
+            block = self.x[s : s + size] if self.rows is None else self.x[self.rows[s : s + size]]
+            yield s, np.ascontiguousarray(block, dtype=np.float32)
+
+
+def view(x: np.ndarray, rows: np.ndarray) -> np.ndarray | RowView:
+    """x[rows]: a copy when small, a RowView when the copy would be large (see LARGE_CELLS)."""
+    if len(rows) * x.shape[1] <= LARGE_CELLS:
+        return x[rows]
+    return RowView(x, rows)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -57,21 +96,40 @@ def rank_rows(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 CandidateFn = Callable[[np.ndarray, int], np.ndarray]
 
 
-def faiss_candidates(gallery: np.ndarray) -> CandidateFn:
-    """Exact float32 inner-product search (FAISS IndexFlatIP) as a candidate generator."""
+def faiss_candidates(gallery: np.ndarray | RowView) -> CandidateFn:
+    """Exact float32 inner-product search (FAISS IndexFlatIP) as a candidate generator.
+
+    A RowView gallery is searched block by block (`faiss.knn` on gathered blocks, results
+    merged), never copied whole: the same top candidates, in bounded memory."""
     import faiss
 
+    if isinstance(gallery, RowView):
+        return lambda q, kk: _blockwise_knn(gallery, np.ascontiguousarray(q, dtype=np.float32), kk)
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
     return lambda q, kk: index.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1]
 
 
+def _blockwise_knn(gallery: RowView, q: np.ndarray, kk: int) -> np.ndarray:
+    import faiss
+
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start, block in gallery.blocks():
+        s, i = faiss.knn(q, block, min(kk, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + start], axis=1)
+        keep = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+        best_s, best_i = np.take_along_axis(s, keep, axis=1), np.take_along_axis(i, keep, axis=1)
+    return best_i
+
+
 def top_k(
-    gallery: np.ndarray,
+    gallery: np.ndarray | RowView,
     queries: np.ndarray,
     k: int,
     candidates: CandidateFn | None = None,
     margin: int = 16,
+    prove: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by exact score, ties to the lower row: (scores float64, rows).
 
@@ -79,7 +137,9 @@ def top_k(
     and ranked by (-score, row). Where the candidates cannot prove that nothing outside them
     ties with or beats the k-th (the worst candidate is within float32 error of it, e.g. many
     duplicates), the search is repeated with twice as many candidates, up to the whole gallery.
-    Missing candidates (-1, from approximate indexes) rank last with score -inf.
+    Missing candidates (-1, from approximate indexes) rank last with score -inf. With an
+    approximate candidate generator, `prove=False`: its candidates are re-scored and ranked
+    exactly, but nothing is searched again (approximate search cannot prove anything).
     """
     n = len(gallery)
     k = min(k, n)
@@ -102,7 +162,7 @@ def top_k(
             order = rank_rows(s, np.where(cand < 0, np.iinfo(np.int64).max, cand))
             s, cand = np.take_along_axis(s, order, axis=1), np.take_along_axis(cand, order, axis=1)
             scores[part], rows[part] = s[:, :k], cand[:, :k]
-            if kk < n:
+            if kk < n and prove:
                 unsure.append(part[np.isfinite(s[:, -1]) & (s[:, -1] >= s[:, k - 1] - slack)])
         todo, kk = (np.concatenate(unsure), min(n, 2 * kk)) if unsure else (np.zeros(0, np.int64), kk)
     return scores, rows

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..errors import UsageError
-from .scoring import BLOCK_ROWS, exact_pairs, exact_scores
+from .scoring import BLOCK_ROWS, RowView, exact_pairs, exact_scores
 
 
 def caption_choice(
@@ -63,13 +63,21 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, n_classes: int | None = None) -> None:
         self.n_classes = n_classes
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> CosineClassifier:
-        x, y = _unit_rows(np.asarray(X, dtype=np.float64)), np.asarray(y, dtype=np.int64)
-        if x.ndim != 2 or len(x) != len(y) or len(y) == 0:
-            raise ValueError(f"X must be (n, d) with one label per row; got {x.shape} and {len(y)} labels")
+    def fit(self, X: np.ndarray | RowView, y: np.ndarray) -> CosineClassifier:
+        """Class means of the normalised rows of X (an array, or a RowView: summed block by block,
+        in row order, so the sums are the same as in one pass)."""
+        y = np.asarray(y, dtype=np.int64)
+        if isinstance(X, RowView):
+            blocks, shape = X.blocks(BLOCK_ROWS), X.shape
+        else:
+            x = np.asarray(X, dtype=np.float64)
+            blocks, shape = iter([(0, x)]), x.shape
+        if len(shape) != 2 or shape[0] != len(y) or len(y) == 0:
+            raise ValueError(f"X must be (n, d) with one label per row; got {shape} and {len(y)} labels")
         c = self.n_classes or int(y.max()) + 1
-        sums = np.zeros((c, x.shape[1]))
-        np.add.at(sums, y, x)
+        sums = np.zeros((c, shape[1]))
+        for start, block in blocks:  # in row order: the same sums as one np.add.at over all rows
+            np.add.at(sums, y[start : start + len(block)], _unit_rows(np.asarray(block, dtype=np.float64)))
         self.present_ = np.bincount(y, minlength=c) > 0
         self.classes_ = np.arange(c)
         self.weights_ = _unit_rows(sums).astype(np.float32)
