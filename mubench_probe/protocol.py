@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .config import PROBE_HEADS, EvalConfig, parse_where
 from .errors import ProbeError, UsageError
-from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
+from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice, scoring
 from .heads.metrics import (
     Estimate,
     classification_metrics,
@@ -36,7 +36,7 @@ from .heads.metrics import (
     paired_difference,
 )
 from .heads.retrieval import caption_retrieval
-from .heads.scoring import GATHER_ROWS, view
+from .heads.scoring import view
 from .tasks import COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
 
 # Errors a head raises on data it cannot handle (too few rows, degenerate classes, ...): they
@@ -317,7 +317,8 @@ def _report(
 
 def _blocks(idx: np.ndarray) -> list[np.ndarray]:
     """Index blocks of bounded size: predictions are made a block of rows at a time."""
-    return [idx[s : s + GATHER_ROWS] for s in range(0, len(idx), GATHER_ROWS)] or [idx]
+    step = scoring.GATHER_ROWS
+    return [idx[s : s + step] for s in range(0, len(idx), step)] or [idx]
 
 
 def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ def test_the_evaluation_and_store_paths_do_not_import_torch():
 def test_store_reading_commands_do_not_import_torch(tiny_store):
     for args in (
         ["info", str(tiny_store)],
+        ["status", str(tiny_store)],
+        ["extract", "--help"],
         ["verify", str(tiny_store)],
         ["evaluate", "--help"],
         ["models"],

@@ -32,10 +32,17 @@ def weighted_votes(
 ) -> dict[int, np.ndarray]:
     """Predictions for each k from one neighbour list; vote ties go to the lower class index."""
     w = np.exp((scores - scores[:, :1]) / temperature)  # shifted for stability; argmax unchanged
-    onehot = np.zeros((*labels.shape, n_classes))
-    np.put_along_axis(onehot, labels[..., None], 1.0, axis=-1)
-    cum = np.cumsum(onehot * w[..., None], axis=1)
-    return {k: cum[:, min(k, cum.shape[1]) - 1].argmax(axis=1) for k in ks}
+    votes = np.zeros((len(labels), n_classes))  # (queries, classes): no (queries, k, classes) array
+    at = {min(k, labels.shape[1]) - 1: k for k in ks}
+    out: dict[int, np.ndarray] = {}
+    rows = np.arange(len(labels))
+    for j in range(labels.shape[1]):
+        votes[rows, labels[:, j]] += w[:, j]  # neighbour j's vote, added in rank order
+        if j in at:
+            out[at[j]] = votes.argmax(axis=1)
+    for k in ks:  # several k beyond the neighbours found share the last column's votes
+        out.setdefault(k, out[at[min(k, labels.shape[1]) - 1]])
+    return {k: out[k] for k in ks}
 
 
 class KNNHead(ClassifierMixin, BaseEstimator):

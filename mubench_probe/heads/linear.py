@@ -54,7 +54,8 @@ from scipy.special import log_expit, logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C, resolve_backend
-from .scoring import GATHER_ROWS, RowView
+from . import scoring
+from .scoring import RowView
 
 DEFAULT_TOL = 1e-7
 DEFAULT_MAX_ITER = 1000
@@ -176,7 +177,8 @@ class BlockZ:
     def __getitem__(self, rows: np.ndarray) -> BlockZ:
         return BlockZ(self.view, self.mean, self.scale, self.idx[rows])
 
-    def blocks(self, size: int = GATHER_ROWS // 4) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        size = size or max(1, scoring.GATHER_ROWS // 4)  # float64: a quarter of the rows of a float32 block
         for s in range(0, len(self.idx), size):
             block = np.asarray(self.view[self.idx[s : s + size]], dtype=np.float64)
             block -= self.mean

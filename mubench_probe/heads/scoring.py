@@ -52,8 +52,9 @@ class RowView:
     def __getitem__(self, idx: Any) -> np.ndarray:
         return self.x[idx] if self.rows is None else self.x[self.rows[idx]]
 
-    def blocks(self, size: int = GATHER_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, contiguous float32 block) over all rows, in order."""
+    def blocks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, contiguous float32 block) over all rows, in order (GATHER_ROWS rows by default)."""
+        size = size or GATHER_ROWS
         for s in range(0, len(self), size):
             block = self.x[s : s + size] if self.rows is None else self.x[self.rows[s : s + size]]
             yield s, np.ascontiguousarray(block, dtype=np.float32)
@@ -67,11 +68,12 @@ def view(x: np.ndarray, rows: np.ndarray) -> np.ndarray | RowView:
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
-    """Rows rounded to 24 fractional bits, as exact integers in float64."""
-    x = np.asarray(x, dtype=np.float64)
+    """Rows rounded to 24 fractional bits, as exact integers in float64 (one new array, no temporaries)."""
+    x = np.array(x, dtype=np.float64)  # always a copy: scaled and rounded in place below
     if x.size and np.einsum("...d,...d->...", x, x).max() > _MAX_NORM**2:
         raise ValueError("exact scores need vectors of norm <= 4 (normalise embeddings first)")
-    return np.rint(x * _SCALE)
+    np.multiply(x, _SCALE, out=x)
+    return np.rint(x, out=x)
 
 
 def exact_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -154,7 +156,7 @@ def top_k(
     while len(todo):
         found = np.asarray(search(queries[todo], kk), dtype=np.int64)  # one search call per round
         unsure = []
-        block = max(1, (1 << 24) // (kk * max(gallery.shape[1], 1)))  # ~128 MB of float64 per step
+        block = max(1, (1 << 21) // (kk * max(gallery.shape[1], 1)))  # ~16 MB of float64 per step
         for start in range(0, len(todo), block):
             part, cand = todo[start : start + block], found[start : start + block]
             s = exact_pairs(queries[part], gallery[np.maximum(cand, 0)])
