@@ -79,7 +79,7 @@ def build_index(x: np.ndarray, factory: str = EXACT, recall_sample: int = 1000, 
     return index, info
 
 
-DEFAULT_PARAMS = {"IVF": "nprobe=32", "HNSW": "efSearch=128"}  # FAISS' defaults (nprobe=1) miss most neighbours
+DEFAULT_PARAMS = {"HNSW": "efSearch=128"}  # FAISS' defaults (nprobe=1, efSearch=16) miss many neighbours
 _GPU: list = []
 TRAIN_PER_LIST = 64  # training vectors per IVF list (FAISS wants 30-256)
 
@@ -87,7 +87,8 @@ TRAIN_PER_LIST = 64  # training vectors per IVF list (FAISS wants 30-256)
 def parse_factory(spec: str) -> tuple[str, str]:
     """`FACTORY[:PARAMS]` -> (factory, params), e.g. "IVF4096,Flat:nprobe=64" or "HNSW32:efSearch=256".
 
-    Without PARAMS an IVF index searches nprobe=32 lists and HNSW uses efSearch=128."""
+    Without PARAMS an IVF index of nlist lists searches nprobe = max(8, nlist / 32) of them (all of
+    them up to 8; 32 of 1024) and HNSW uses efSearch=128."""
     factory, _, params = spec.partition(":")
     factory = factory.strip()
     if not params:
@@ -113,10 +114,7 @@ def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
     except RuntimeError as exc:
         raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
     if not index.is_trained:
-        try:
-            nlist = faiss.extract_index_ivf(index).nlist
-        except RuntimeError:
-            nlist = 1
+        nlist = _nlist(index)
         if len(view) < nlist:
             raise UsageError(f"index {factory!r} needs at least {nlist} vectors to train; have {len(view)}")
         rng = np.random.default_rng(seed)
@@ -125,6 +123,8 @@ def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
         index.train(np.ascontiguousarray(view[sample], dtype=np.float32))
     for _, block in view.blocks():
         index.add(block)
+    if not params and "IVF" in factory:
+        params = f"nprobe={min(_nlist(index), max(8, _nlist(index) // 32))}"
     if params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, params)
@@ -135,6 +135,15 @@ def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
         _GPU.append(faiss.StandardGpuResources())  # must outlive the index
         index = faiss.index_cpu_to_gpu(_GPU[-1], dev, index)
     return index
+
+
+def _nlist(index) -> int:
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 1
 
 
 class IndexCache:
