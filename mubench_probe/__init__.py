@@ -14,10 +14,12 @@ from .api import (
     evaluate,
     extract,
     interpolate,
+    launch_extract,
     open_dataset,
     open_store,
     search,
     store_info,
+    store_status,
     verify_store,
 )
 from .errors import ProbeError
@@ -35,9 +37,11 @@ __all__ = [
     "evaluate",
     "extract",
     "interpolate",
+    "launch_extract",
     "open_dataset",
     "open_store",
     "search",
     "store_info",
+    "store_status",
     "verify_store",
 ]
