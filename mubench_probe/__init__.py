@@ -15,10 +15,12 @@ from .api import (
     export,
     extract,
     interpolate,
+    launch_extract,
     open_dataset,
     open_store,
     search,
     store_info,
+    store_status,
     verify_store,
 )
 from .errors import ProbeError
@@ -37,9 +39,11 @@ __all__ = [
     "export",
     "extract",
     "interpolate",
+    "launch_extract",
     "open_dataset",
     "open_store",
     "search",
     "store_info",
+    "store_status",
     "verify_store",
 ]

@@ -30,6 +30,7 @@ from .config import (
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend
 from .errors import DatasetUnavailableError, ModelUnavailableError, ProvenanceMismatchError, StoreError, UsageError
+from .locations import store_exists
 from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .evaluation import EvaluationResult, Unit
     from .export import ExportReport
     from .extraction import ExtractReport, NotifyFn, ProgressFn
+    from .launch import Launch, Resources
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
@@ -55,6 +57,7 @@ __all__ = [
     "export",
     "extract",
     "interpolate",
+    "launch_extract",
     "list_backends",
     "list_dataset_formats",
     "list_open_clip_specs",
@@ -64,6 +67,7 @@ __all__ = [
     "repair_store",
     "search",
     "store_info",
+    "store_status",
     "summary",
     "verify_store",
 ]
@@ -104,7 +108,7 @@ def _extract_inputs(
     created only once a model has loaded (`_created`), so a failed load leaves nothing behind.
     """
     ds = open_dataset(dataset, **dataset_args) if isinstance(dataset, str) else dataset
-    if not isinstance(store, EmbeddingStore) and (Path(store) / "zarr.json").exists():
+    if not isinstance(store, EmbeddingStore) and store_exists(store):
         store = EmbeddingStore(store)
     return ds, store
 
@@ -162,6 +166,60 @@ def extract(
     ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit, scene=scene)
     encoder = load_encoder(model, device=cfg.device, precision=cfg.precision)
     return _extract_with(encoder, ds, _created(st), cfg, progress, notify)
+
+
+def launch_extract(
+    models: Sequence[str],
+    dataset: str = "sample",
+    *,
+    store: str | Path = DEFAULT_STORE,
+    config: ExtractConfig | None = None,
+    launcher: str = "local",
+    shards: int = 2,
+    resources: Resources | None = None,
+    address: str | None = None,
+    log_dir: str | Path | None = None,
+    cluster: str = "slurm",
+    split: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+    scene: str | None = None,
+    notify: NotifyFn | None = None,
+    **settings: Any,
+) -> Launch:
+    """Extract with `shards` processes (`launcher`: local, slurm, ray), each filling its chunks of one store.
+
+    The dataset is given as a spec string: every shard opens it itself, wherever it runs. The
+    local and Ray launchers wait for every shard; Slurm returns once the job array is submitted
+    (`Launch.job_ids`; `Launch.wait()` blocks). See `mubench_probe.launch`.
+    """
+    from .launch import Resources, launch_extract, shard_jobs
+
+    cfg = _settings(config, settings)
+    jobs = shard_jobs(models, dataset, store, cfg, shards, split=split, revision=revision, limit=limit, scene=scene)
+    return launch_extract(
+        jobs, launcher, resources or Resources(), address=address, log_dir=log_dir, cluster=cluster, notify=notify
+    )
+
+
+def shard_rows(n_rows: int, chunk_rows: int, shard: tuple[int, int] | None) -> int:
+    """Rows a shard computes (chunk ci belongs to shard ci mod N)."""
+    from .config import shard_of
+
+    n_chunks = -(-n_rows // chunk_rows)
+    return sum(
+        min(chunk_rows, n_rows - c * chunk_rows)
+        for c in range(n_chunks)
+        if shard is None or shard_of(c, shard[1]) == shard[0]
+    )
+
+
+def store_status(path: str | Path = DEFAULT_STORE, shards: int | None = None) -> dict[str, Any]:
+    """Progress of every run: chunks done / total, per shard, live and stale claims (cheap: no checksums)."""
+    from .store import run_status
+
+    st = EmbeddingStore(path)
+    return {"store": str(st.path), "runs": [run_status(node, shards) for node in st.scan()]}
 
 
 def verify_store(path: str | Path = DEFAULT_STORE) -> list[str]:
@@ -258,7 +316,7 @@ def repair_store(
         if record is None:
             report.commands.append(
                 f"{st.path}/{node.path}: its provenance is damaged and so is its copy in done/zarr.json, so "
-                f"nothing says how it was made: delete {st.path / node.path} and extract it again"
+                f"nothing says how it was made: delete {st.path}/{node.path} and extract it again"
             )
             continue
         p = record["provenance"]
@@ -345,8 +403,16 @@ def evaluate(
     force: bool = False,
     jobs: int = 1,
     progress: Callable[[Unit, int, int], None] | None = None,
+    launcher: str | None = None,
+    resources: Resources | None = None,
+    address: str | None = None,
+    log_dir: str | Path | None = None,
+    cluster: str = "slurm",
 ) -> EvaluationResult:
-    """Score every head on every task from the store alone (never loads a model or an image)."""
+    """Score every head on every task from the store alone (never loads a model or an image).
+
+    `jobs` > 1 evaluates units in that many processes; `launcher` "ray" or "slurm" spreads them
+    over a cluster (`resources`, `address`, `log_dir`, `cluster` as for `launch_extract`)."""
     from .evaluation import evaluate_store
 
     tmpl = _templates(templates) if templates is not None else None  # None: the templates extracted
@@ -360,6 +426,8 @@ def evaluate(
         force=force,
         jobs=jobs,
         progress=progress,
+        launcher=launcher,
+        launch={"resources": resources, "address": address, "log_dir": log_dir, "cluster": cluster},
     )
 
 
@@ -376,6 +444,9 @@ class CompareResult:
 
 def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
+    if store_exists(source):
+        res = evaluate(source, models=models, results_dir=default_results_dir(source))
+        return res.table, res.predictions, source
     src = Path(source)
     if (src / "zarr.json").exists():
         res = evaluate(src, models=models, results_dir=default_results_dir(src))
@@ -412,7 +483,7 @@ def compare(
     embeddings: dict[str, np.ndarray] = {}
     meta = pd.DataFrame()
     group: list = []
-    if (store_path / "zarr.json").exists():
+    if str(store_path) and store_exists(store_path):
         runs = [r for r in EmbeddingStore(store_path).runs() if not models or r.model_spec in models]
         by_dataset: dict[str, list] = {}
         for r in runs:

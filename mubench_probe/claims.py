@@ -2,8 +2,8 @@
 
 A writer claims a chunk right before computing it and releases it after the chunk (and its
 `done` flag) is written; a chunk claimed by a live writer is skipped. The interface is small on
-purpose: a later object-store backend can implement `try_claim` with a conditional write
-(S3 `If-None-Match: *`) and the same staleness rule, and sharded extraction builds on it.
+purpose: `ObjectChunkClaims` (at the end) implements it for object stores with conditional
+writes (S3 `If-None-Match: *`) and the same staleness rule, and sharded extraction builds on it.
 
 The local implementation keeps one file per claim in `<store>/.claims/<run>/` (a folder that is
 not a Zarr node). A claim is created atomically and exclusively with a hard link of a fully
@@ -29,6 +29,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import DEFAULT_CLAIM_TIMEOUT
 
@@ -108,6 +109,13 @@ class ChunkClaims(ABC):
 
     def record_written(self, key: Key) -> None:  # noqa: B027 - optional audit hook
         """Note that this writer wrote `key` (an audit log; backends may ignore it)."""
+
+    def note_shards(self, count: int) -> None:  # noqa: B027 - optional, for `probe status`
+        """Record that the run is being filled by `count` shards (last writer wins)."""
+
+    def shards_noted(self) -> int | None:
+        """The shard count last recorded by `note_shards` (None: not sharded, or not recorded)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - nothing to do for backends without state
         """Release every claim still held and stop heartbeats."""
@@ -235,6 +243,19 @@ class LocalChunkClaims(ChunkClaims):
         finally:
             os.close(fd)
 
+    def note_shards(self, count: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".shards.{self.token}"
+        tmp.write_text(str(int(count)))
+        os.replace(tmp, self.folder / "shards")
+
+    def shards_noted(self) -> int | None:
+        try:
+            text = (self.folder / "shards").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
     def written(self) -> list[tuple[Key, str, int]]:
         """The audit log: (key, host, pid) per chunk written, oldest first."""
         log = self.folder / "written.log"
@@ -260,6 +281,152 @@ class LocalChunkClaims(ChunkClaims):
             for p in paths:
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(p)
+
+    def close(self) -> None:
+        self._stop.set()
+        for key in list(self._held):
+            self.release(key)
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+            self._beat = None
+        self._stop = threading.Event()
+
+
+class ObjectChunkClaims(ChunkClaims):
+    """Claims as objects in an object store (S3, GCS, ...; any fsspec location), for stores that
+    machines without a shared filesystem fill together.
+
+    A claim is created with a conditional write (`If-None-Match: *`: exactly one of several
+    writers creates it). Its body holds host, pid, process start, token and `beat`, the time of
+    its last heartbeat, rewritten by a background thread while the claim is held (every
+    timeout / 4 seconds); liveness follows the local rules (same host: the pid; another host: a
+    heartbeat younger than `timeout`, so the machines' clocks must agree to well within it, as
+    NTP keeps them). A stale claim is taken over by first creating the marker
+    `<claim>.takeover.<token>.<beat>` conditionally: of several contenders for the same stale
+    claim, only the one that creates the marker rewrites the claim. Objects cannot be renamed,
+    so this replaces the local rename-aside.
+    """
+
+    def __init__(self, loc: object, prefix: str, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError("claim timeout must be positive")
+        self.loc: Any = loc
+        self.prefix = prefix.rstrip("/")
+        self.timeout = float(timeout)
+        self.token = uuid.uuid4().hex
+        self.pid = os.getpid()
+        self._start = process_start(self.pid)
+        self._held: set[Key] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _rel(self, key: Key) -> str:
+        return f"{self.prefix}/{key_name(key)}.claim"
+
+    def _body(self) -> bytes:
+        now = time.time()
+        body = {"host": HOST, "pid": self.pid, "start": self._start, "token": self.token, "claimed": now, "beat": now}
+        return json.dumps(body).encode()
+
+    def _parse(self, key: Key, raw: bytes | None) -> tuple[ClaimInfo, float] | None:
+        if raw is None:
+            return None
+        try:
+            body = json.loads(raw)
+            host, pid, token, start = str(body["host"]), int(body["pid"]), str(body["token"]), body.get("start")
+            beat = float(body["beat"])
+        except (ValueError, KeyError, TypeError):
+            return ClaimInfo(key, "?", -1, "", float("inf"), False), 0.0
+        age = max(0.0, time.time() - beat)
+        if host == HOST:
+            live = pid_alive(pid) and (start is None or process_start(pid) in (None, start))
+        else:
+            live = age <= self.timeout
+        return ClaimInfo(key, host, pid, token, age, live), beat
+
+    def _read(self, key: Key) -> tuple[ClaimInfo, float] | None:
+        return self._parse(key, self.loc.read_bytes(self._rel(key)))
+
+    def try_claim(self, key: Key) -> bool:
+        rel = self._rel(key)
+        for _ in range(3):
+            if self.loc.create(rel, self._body()):
+                self._hold(key)
+                return True
+            found = self._read(key)
+            if found is None:
+                continue  # released meanwhile
+            info, beat = found
+            if info.token == self.token:
+                return True
+            if info.live:
+                return False
+            if not self.loc.create(f"{rel}.takeover.{info.token or 'unreadable'}.{beat:.6f}", b""):
+                return False  # another writer is taking this stale claim over
+            self.loc.write_bytes(rel, self._body())
+            self._hold(key)
+            return True
+        return False
+
+    def _hold(self, key: Key) -> None:
+        with self._lock:
+            self._held.add(key)
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
+            self._beat.start()
+
+    def release(self, key: Key) -> None:
+        with self._lock:
+            if key not in self._held:
+                return
+            self._held.discard(key)
+        found = self._read(key)
+        if found is not None and found[0].token == self.token:
+            self.loc.delete(self._rel(key))
+
+    def owns(self, key: Key) -> bool:
+        found = self._read(key)
+        return found is not None and found[0].token == self.token
+
+    def owners(self) -> dict[Key, ClaimInfo]:
+        out = {}
+        for name in self.loc.files(self.prefix):
+            if name.endswith(".claim"):
+                key = _parse_key(name.removesuffix(".claim"))
+                found = self._read(key)
+                if found is not None:
+                    out[key] = found[0]
+        return out
+
+    def record_written(self, key: Key) -> None:
+        stamp = f"{time.time_ns()}"
+        self.loc.write_bytes(f"{self.prefix}/written/{key_name(key)}@{HOST}@{self.pid}@{stamp}", b"")
+
+    def written(self) -> list[tuple[Key, str, int]]:
+        """The audit log: (key, host, pid) per chunk written, oldest first."""
+        rows = []
+        for name in self.loc.files(f"{self.prefix}/written"):
+            key, host, pid, stamp = name.rsplit("@", 3)
+            rows.append((int(stamp), _parse_key(key), host, int(pid)))
+        return [(k, h, p) for _, k, h, p in sorted(rows, key=lambda r: r[0])]
+
+    def note_shards(self, count: int) -> None:
+        self.loc.write_bytes(f"{self.prefix}/shards", str(int(count)).encode())
+
+    def shards_noted(self) -> int | None:
+        raw = self.loc.read_bytes(f"{self.prefix}/shards")
+        return int(raw) if raw and raw.strip().isdigit() else None
+
+    def _heartbeat(self) -> None:
+        interval = max(0.05, min(self.timeout / 4, 30.0))
+        while not self._stop.wait(interval):
+            with self._lock:
+                keys = list(self._held)
+            for key in keys:
+                found = self._read(key)
+                if found is not None and found[0].token == self.token:
+                    self.loc.write_bytes(self._rel(key), self._body())
 
     def close(self) -> None:
         self._stop.set()

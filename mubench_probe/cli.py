@@ -33,6 +33,7 @@ from rich.text import Text
 
 from . import api
 from .errors import ProbeError, StoreDamageError, UsageError
+from .launch import Resources
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -43,7 +44,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr store directory.")]
+StoreOpt = Annotated[str, typer.Option("--store", "-s", help="Zarr store: a directory or an fsspec URL (s3://...).")]
 
 
 def friendly(fn: F) -> F:
@@ -233,6 +234,31 @@ TargetMppOpt = Annotated[
 ]
 
 
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute only shard I of N (I/N; chunk ci belongs to shard ci mod N), or auto (torchrun's "
+        "RANK/WORLD_SIZE or a Slurm array's task id/count). N processes fill one store."
+    ),
+]
+LauncherOpt = Annotated[
+    str | None,
+    typer.Option(help="Run --shards N shards: local (processes here), slurm (job array via submitit), ray."),
+]
+ShardsOpt = Annotated[int, typer.Option(help="Number of shards for --launcher.", min=1)]
+PartitionOpt = Annotated[str | None, typer.Option(help="slurm: partition.")]
+GpusOpt = Annotated[int, typer.Option(help="GPUs per shard (slurm gpus_per_node, ray num_gpus, local devices).", min=0)]
+CpusOpt = Annotated[int | None, typer.Option(help="CPUs per shard (slurm cpus_per_task, ray num_cpus).", min=1)]
+MemOpt = Annotated[str | None, typer.Option(help="slurm: memory per shard, e.g. 32G.")]
+TimeOpt = Annotated[str | None, typer.Option(help="slurm: time limit per shard, minutes or [D-]HH:MM:SS.")]
+ParallelOpt = Annotated[int | None, typer.Option(help="slurm: shards running at once.", min=1)]
+AddressOpt = Annotated[str | None, typer.Option(help="ray: cluster address (auto = the running cluster).")]
+LogDirOpt = Annotated[Path | None, typer.Option(help="slurm/local: folder for job logs [probe-jobs].")]
+ClusterOpt = Annotated[
+    str, typer.Option(help="slurm: submitit cluster; 'local' runs the same job array here, without Slurm.")
+]
+
+
 def _extract_config(**settings: Any) -> api.ExtractConfig:
     """The CLI's extraction options as one validated ExtractConfig (`workers` is `num_workers`)."""
     settings["num_workers"] = settings.pop("workers")
@@ -257,7 +283,7 @@ def extract(
     split: SplitOpt = None,
     revision: RevisionOpt = None,
     limit: LimitOpt = None,
-    store: StoreOpt = api.DEFAULT_STORE,
+    store: StoreOpt = str(api.DEFAULT_STORE),
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -276,9 +302,21 @@ def extract(
     z: ZOpt = None,
     t: TOpt = None,
     target_mpp: TargetMppOpt = None,
+    shard: ShardOpt = None,
+    launcher: LauncherOpt = None,
+    shards: ShardsOpt = 2,
+    partition: PartitionOpt = None,
+    gpus_per_shard: GpusOpt = 0,
+    cpus_per_shard: CpusOpt = None,
+    mem: MemOpt = None,
+    time: TimeOpt = None,
+    array_parallelism: ParallelOpt = None,
+    address: AddressOpt = None,
+    log_dir: LogDirOpt = None,
+    submitit_cluster: ClusterOpt = "slurm",
 ) -> None:
     """Embed a dataset with one or more models into the store (resumable, repairs damage, and
-    several processes on one store split the work)."""
+    several processes on one store split the work; --shard / --launcher split it on purpose)."""
     cfg = _extract_config(
         batch_size=batch_size,
         workers=workers,
@@ -297,17 +335,72 @@ def extract(
         z=z,
         t=t,
         target_mpp=target_mpp,
+        shard=shard,
     )
     models = model or list(api.MUBENCH_MODELS)
+    if launcher is not None:
+        if cfg.shard is not None:
+            raise UsageError("--shard is for one shard; --launcher starts all --shards of them")
+        _launch(
+            models,
+            dataset,
+            store,
+            cfg,
+            launcher,
+            shards,
+            split,
+            revision,
+            limit,
+            scene,
+            log_dir,
+            address,
+            submitit_cluster,
+            partition,
+            gpus_per_shard,
+            cpus_per_shard,
+            mem,
+            time,
+            array_parallelism,
+        )
+        return
     ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit, scene=scene)
-    err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}")
+    total = len(ds) if cfg.shard is None else api.shard_rows(len(ds), cfg.chunk_rows, cfg.shard)
+    where = "" if cfg.shard is None else f" (shard {cfg.shard[0]}/{cfg.shard[1]}: {total} rows)"
+    err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}{where}")
     for spec in models:
         with _progress() as bar:
-            task = bar.add_task(spec, total=len(ds))
+            task = bar.add_task(spec, total=total)
             report = api.extract(
                 spec, ds, store=store, config=cfg, progress=lambda n, t=task: bar.advance(t, n), notify=_notify
             )
         _print_report(report)
+
+
+def _launch(models, dataset, store, cfg, launcher, shards, split, revision, limit, scene, log_dir, address,
+            cluster, partition, gpus, cpus, mem, time, parallelism) -> None:  # fmt: skip
+    """--launcher: start the shards and say where they are (and wait where the launcher does)."""
+    res = Resources(partition, gpus, cpus, mem, time, parallelism)
+    err.print(f"{launcher}: {shards} shard(s) of {', '.join(models)} on {dataset} -> {store}", highlight=False)
+    launched = api.launch_extract(
+        models, dataset, store=store, config=cfg, launcher=launcher, shards=shards, resources=res, address=address,
+        log_dir=log_dir, cluster=cluster, split=split, revision=revision, limit=limit, scene=scene, notify=_notify,
+    )  # fmt: skip
+    if launcher == "slurm":
+        job = launched.job_ids[0].split("_")[0] if launched.job_ids else "?"
+        out.print(f"submitted job array {job} ({shards} shards), logs in {launched.log_dir}", highlight=False)
+        if cluster != "local":
+            out.print(f"progress: probe status {store}", highlight=False)
+            return
+        launched.wait()  # submitit's local jobs end with this process: wait for them
+    for shard_reports in launched.results or []:
+        for r in shard_reports or []:
+            out.print(
+                f"shard {r['shard'][0]}/{r['shard'][1]} {r['model']}: {r['chunks_written']} chunks written, "
+                f"{r['chunks_skipped']} already done, {r['chunks_by_others']} by another writer "
+                f"({r['seconds']:.1f} s on {r['host']})",
+                highlight=False,
+            )
+    out.print(f"done: probe status {store}", highlight=False)
 
 
 def _print_report(report: Any) -> None:
@@ -346,7 +439,9 @@ def _fmt(cell: Any) -> str:
 @app.command()
 @friendly
 def evaluate(
-    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    store: Annotated[str, typer.Argument(help="Zarr store: a directory or an fsspec URL (s3://...).")] = str(
+        api.DEFAULT_STORE
+    ),
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
     task: Annotated[
         list[str] | None,
@@ -403,9 +498,32 @@ def evaluate(
     coarse_exclude_dataset: Annotated[
         list[str] | None, typer.Option(help="... of the coarse caption scores only.")
     ] = None,
-    jobs: Annotated[int, typer.Option(help="Units evaluated in parallel.", min=1)] = 1,
+    jobs: Annotated[int, typer.Option(help="Units evaluated in parallel, in separate processes.", min=1)] = 1,
     force: Annotated[bool, typer.Option(help="Recompute units already in the results.")] = False,
     fmt: FormatOpt = "table",
+    knn_index: Annotated[
+        str,
+        typer.Option(
+            help="FAISS factory[:params] proposing kNN candidates (re-scored exactly), e.g. IVF4096,Flat:nprobe=32 "
+            "or HNSW32; recall@10 vs exact search is reported. Flat = exact."
+        ),
+    ] = "Flat",
+    probe_backend: Annotated[
+        str, typer.Option(help="Linear-probe solver: auto (torch on a GPU), sklearn, torch (same objective).")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="Device for the torch probe and FAISS: auto, cpu, cuda.")] = "auto",
+    launcher: Annotated[
+        str | None, typer.Option(help="Spread units over a cluster: ray (tasks) or slurm (job array via submitit).")
+    ] = None,
+    gpus_per_job: Annotated[int, typer.Option(help="ray/slurm: GPUs per unit.", min=0)] = 0,
+    cpus_per_job: Annotated[int | None, typer.Option(help="ray/slurm: CPUs per unit.", min=1)] = None,
+    partition: PartitionOpt = None,
+    mem: MemOpt = None,
+    time: TimeOpt = None,
+    array_parallelism: ParallelOpt = None,
+    address: AddressOpt = None,
+    log_dir: LogDirOpt = None,
+    submitit_cluster: ClusterOpt = "slurm",
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
     given = {
@@ -430,6 +548,9 @@ def evaluate(
         "shots": _ints(shots, "--shots"),
         "fewshot_seeds": fewshot_seeds,
         "ks": _ints(knn_k, "--knn-k"),
+        "knn_index": knn_index,
+        "probe_backend": probe_backend,
+        "device": device,
     }
     overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
     cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
@@ -451,6 +572,11 @@ def evaluate(
             force=force,
             jobs=jobs,
             progress=tick,
+            launcher=launcher,
+            resources=Resources(partition, gpus_per_job, cpus_per_job, mem, time, array_parallelism),
+            address=address,
+            log_dir=log_dir,
+            cluster=submitit_cluster,
         )
     summ = api.summary(res.table)
     if fmt != "table":
@@ -541,7 +667,7 @@ def interpolate(
     split: SplitOpt = None,
     revision: RevisionOpt = None,
     limit: LimitOpt = None,
-    store: StoreOpt = api.DEFAULT_STORE,
+    store: StoreOpt = str(api.DEFAULT_STORE),
     preprocess: Annotated[
         str | None, typer.Option(help="Whose preprocessing if they differ: base or finetuned.")
     ] = None,
@@ -619,7 +745,9 @@ def interpolate(
 @app.command()
 @friendly
 def info(
-    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    store: Annotated[str, typer.Argument(help="Zarr store: a directory or an fsspec URL (s3://...).")] = str(
+        api.DEFAULT_STORE
+    ),
     verify: Annotated[bool, typer.Option(help="Read every chunk and check its checksum.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     fmt: FormatOpt = "table",
@@ -667,7 +795,7 @@ def info(
         raise StoreDamageError(f"{len(damaged)} damaged run(s) in {store}; repair with `probe verify --repair {store}`")
 
 
-def _report_problems(problems: list[str], store: Path) -> None:
+def _report_problems(problems: list[str], store: str) -> None:
     """One line per problem, then a non-zero exit naming the repair command."""
     for line in problems:
         err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
@@ -686,8 +814,43 @@ def _report_problems(problems: list[str], store: Path) -> None:
 
 @app.command()
 @friendly
+def status(
+    store: Annotated[str, typer.Argument(help="Zarr store (directory or fsspec URL).")] = str(api.DEFAULT_STORE),
+    shards: Annotated[int | None, typer.Option(help="Show progress per shard for N shards [as recorded].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Progress of every run: chunks done / total, per shard, live and stale claims (cheap, no checksums)."""
+    st = api.store_status(store, shards)
+    if as_json:
+        out.print_json(json.dumps(st, default=str))
+        return
+    table = Table(title=f"{store}", title_justify="left")
+    for col in ("run", "status", "chunks", "shards", "claims"):
+        table.add_column(col, overflow="fold")
+    for r in st["runs"]:
+        live = sum(1 for c in r["claims"] if c["live"])
+        stale = len(r["claims"]) - live
+        per = "  ".join(f"{s['shard']}: {s['done']}/{s['total']}" for s in r["per_shard"]) or "–"
+        chunks = "?" if r["chunks_total"] is None else f"{r['chunks_done']}/{r['chunks_total']}"
+        table.add_row(r["group"], r["status"], chunks, per, f"{live} live, {stale} stale")
+    out.print(table)
+    for r in st["runs"]:
+        for c in r["claims"]:
+            state = "live" if c["live"] else "stale (taken over by the next writer)"
+            out.print(
+                f"  {r['group']}: {c['key']} held by pid {c['pid']} on {c['host']}, heartbeat {c['age_s']:.0f} s "
+                f"ago: {state}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@app.command()
+@friendly
 def search(
-    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    store: Annotated[str, typer.Argument(help="Zarr store: a directory or an fsspec URL (s3://...).")] = str(
+        api.DEFAULT_STORE
+    ),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec in the store.")] = None,
     text: Annotated[str | None, typer.Option(help="Text query (text->image).")] = None,
     image: Annotated[Path | None, typer.Option(help="Image file query (image->image).")] = None,
@@ -735,7 +898,9 @@ def search(
 @app.command()
 @friendly
 def compare(
-    source: Annotated[Path, typer.Argument(help="A store (evaluated first, cached) or a results folder.")],
+    source: Annotated[
+        str, typer.Argument(help="A store (folder or URL; evaluated first, cached) or a results folder.")
+    ],
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
     k: Annotated[int, typer.Option("-k", help="k for mutual-kNN alignment.", min=1)] = 10,
@@ -825,7 +990,9 @@ def export(
 @app.command()
 @friendly
 def verify(
-    store: Annotated[Path, typer.Argument(help="Zarr store directory.")] = api.DEFAULT_STORE,
+    store: Annotated[str, typer.Argument(help="Zarr store: a directory or an fsspec URL (s3://...).")] = str(
+        api.DEFAULT_STORE
+    ),
     repair: Annotated[
         bool, typer.Option(help="Repair what is damaged: reloads each damaged run's model and dataset.")
     ] = False,

@@ -65,6 +65,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMA
 CHANNEL_MODES = ("rgb", "each", "composite")
 PROJECTIONS = ("max", "mean", "middle")  # and index:K
 DEFAULT_CLAIM_TIMEOUT = 300.0
+LAUNCHERS = ("local", "slurm", "ray")
+PROBE_BACKENDS = ("auto", "sklearn", "torch")
 
 
 PACKAGES = ("mubench-probe", "torch", "open_clip_torch", "timm", "zarr", "numpy", "datasets", "pillow", "scikit-learn")
@@ -90,6 +92,66 @@ def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
             raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
         out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
     return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`I/N` (0 <= I < N) -> (I, N); `auto` takes the rank from torchrun (RANK, WORLD_SIZE) or a
+    Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); None/empty -> no sharding."""
+    import os
+
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text == "auto":
+        env = os.environ
+        for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+            if env.get(rank, "").isdigit() and env.get(size, "").isdigit():
+                return check_shard((int(env[rank]), int(env[size])))
+        raise UsageError("--shard auto: no RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/COUNT in the environment")
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+        raise UsageError(f"--shard takes I/N (e.g. 0/4) or auto, not {text!r}")
+    return check_shard((int(i), int(n)))
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    i, n = (int(v) for v in shard)
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
+    return (i, n)
+
+
+def shard_of(chunk: int, shards: int) -> int:
+    """The fixed assignment of row chunks to shards: chunk ci belongs to shard ci mod N.
+
+    Chunk-aligned (a shard writes whole chunks only) and interleaved, so every shard gets the
+    same number of chunks (+-1) and the same mix of easy and hard rows along the dataset.
+    """
+    return chunk % shards
+
+
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU that torch can use (checked without importing torch first)."""
+    import os
+
+    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(backend: str, device: str | None = None) -> str:
+    """auto -> torch on a GPU (`device` cuda, or auto with a GPU present), else sklearn."""
+    if backend != "auto":
+        return backend
+    if device and str(device).startswith("cuda"):
+        return "torch"
+    return "torch" if device in (None, "auto") and gpu_present() else "sklearn"
 
 
 def read_templates(path: str | Path | None) -> tuple[str, ...]:
@@ -158,7 +220,8 @@ class ExtractConfig(_Config):
     Everything but the model and the dataset: forward-pass settings (batch, workers, device,
     precision), what is stored (dtype, chunk size, pre-projection features), how raw intensities
     become RGB (`intensity`, `max_pixels`), which class prompts are embedded (`templates`),
-    and how concurrent writers coordinate (`claim_timeout`).
+    and how concurrent writers coordinate (`claim_timeout`, and `shard`: which chunks this
+    process computes when N processes fill one store).
 
     Multi-dimensional images: `channels` selects channels (indices or names from the file's
     metadata), `channel_mode` maps them to an RGB model (rgb: up to three to R, G, B; each: one
@@ -184,8 +247,12 @@ class ExtractConfig(_Config):
     z: str | None = None
     t: str | None = None
     target_mpp: float | None = None
+    shard: tuple[int, int] | None = None  # (I, N): only the chunks ci with ci % N == I (see shard_of)
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "shard", parse_shard(self.shard) if isinstance(self.shard, str) else check_shard(self.shard)
+        )
         object.__setattr__(self, "channels", parse_channels(self.channels))
         if self.channel_mode not in CHANNEL_MODES:
             raise UsageError(f"--channel-mode must be one of {', '.join(CHANNEL_MODES)}, not {self.channel_mode!r}")
@@ -251,8 +318,15 @@ class EvalConfig(_Config):
     fine_exclude_datasets: tuple[str, ...] = ()  # ... or of one group only
     coarse_exclude_datasets: tuple[str, ...] = ()
     strata: tuple[str, ...] = STRATA
+    knn_index: str = "Flat"  # a FAISS factory[:params] for kNN candidates (exact re-scoring either way)
+    probe_backend: str = "auto"  # the linear probe's solver: sklearn, torch, or auto (torch on a GPU)
+    device: str = "auto"  # where the probe (torch) and FAISS indexes run: auto, cpu, cuda, cuda:1
 
     def __post_init__(self) -> None:
+        if self.probe_backend not in PROBE_BACKENDS:
+            raise UsageError(f"--probe-backend must be one of {', '.join(PROBE_BACKENDS)}, not {self.probe_backend!r}")
+        if not self.knn_index.strip():
+            raise UsageError("--knn-index needs a FAISS factory string (Flat, IVF4096,Flat, HNSW32, ...)")
         bad = sorted(set(self.heads) - set(HEADS))
         if bad or not self.heads:
             raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")
@@ -282,6 +356,19 @@ class EvalConfig(_Config):
         if name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def cache_dict(self) -> dict[str, Any]:
+        """What keys the results cache: every field, minus where the work runs (`device`), with the
+        probe backend resolved; settings at their single-machine defaults are left out, so results
+        computed before these settings existed are still found."""
+        d = self.as_dict()
+        d.pop("device")
+        probes = {"lp", "fewshot"} & set(self.heads)
+        d["probe_backend"] = resolve_backend(self.probe_backend, self.device) if probes else "sklearn"
+        for key, default in (("knn_index", "Flat"), ("probe_backend", "sklearn")):
+            if d[key] == default:
+                d.pop(key)
+        return d
 
     def templates_for(self, group: str) -> str:
         own = self.fine_templates if group == "fine" else self.coarse_templates

@@ -8,6 +8,14 @@ A `--channel-mode each` run is scored once on its row embeddings (all channels t
 the model's name) and once per channel on that channel's embeddings alone, reported as the model
 `MODEL#channel=NAME` (so summaries, compare and paired tests treat each channel as a model).
 Rows with a `microns_per_pixel` are also reported per `pixel_size` stratum (power-of-two bins).
+
+Units can run elsewhere: `jobs` > 1 runs them in that many worker processes on this machine
+(joblib's loky), `launcher` "ray" as Ray tasks and "slurm" as a submitit job array. A worker
+gets a `UnitSpec` (store, run, unit; picklable), reads the run's arrays itself (so the store
+must be reachable from it: a shared filesystem or an object store URL) and sends the unit's
+Output back; this process alone writes the results folder, unit by unit, as they finish, under
+the folder's lock (see results.py), so two finishing workers neither lose nor duplicate rows and
+the resume rules are those of a single process.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +83,75 @@ class EvaluationResult:
     results_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class UnitSpec:
+    """A unit as a worker elsewhere needs it: where the run is, which unit, with which config."""
+
+    store: str
+    run: str
+    kind: str
+    task_name: str
+    templates: tuple[str, ...]
+    key: str
+    cfg: EvalConfig
+    channel: str | None = None  # one channel's embeddings (a `--channel-mode each` run)
+
+
+_WORKER_ARRAYS: dict[tuple[str, str], RunArrays] = {}  # a worker's last run, reused by its next units
+
+
+def compute_unit(spec: UnitSpec) -> tuple[str, Output, float]:
+    """Compute one unit in a worker process (a loky worker, a Ray task, a Slurm job): (key, output, seconds)."""
+    t0 = time.perf_counter()
+    ident = (spec.store, spec.run)
+    if ident not in _WORKER_ARRAYS:
+        _WORKER_ARRAYS.clear()  # one run's arrays at a time per worker
+        node = EmbeddingStore(spec.store)._open(spec.run)
+        if not isinstance(node, Run):
+            raise node.error()
+        _WORKER_ARRAYS[ident] = RunArrays(node)
+    arrays: RunArrays = _WORKER_ARRAYS[ident]
+    if spec.channel is not None:
+        arrays = ChannelArrays(arrays, arrays.run.channel_labels.index(spec.channel))
+    payload = None
+    if spec.kind == "task":
+        task = next(t for t in derive_tasks(arrays.meta) if t.name == spec.task_name)
+        payload = (task, list(spec.templates))
+    unit = Unit(arrays.run, spec.kind, spec.task_name, spec.key, payload, arrays, spec.channel)
+    return spec.key, run_unit(unit, spec.cfg), time.perf_counter() - t0
+
+
+def _spec(store: EmbeddingStore, unit: Unit, cfg: EvalConfig) -> UnitSpec:
+    templates = tuple(unit.payload[1]) if unit.kind == "task" else ()
+    return UnitSpec(str(store.path), unit.run.path, unit.kind, unit.task_name, templates, unit.key, cfg, unit.channel)
+
+
+def _elsewhere(
+    specs: list[UnitSpec], jobs: int, launcher: str | None, launch: dict[str, Any]
+) -> Iterator[tuple[str, Output, float]]:
+    """Results of the units as they finish, from worker processes, Ray tasks or a Slurm job array."""
+    from .launch import Resources, launch_ray, launch_slurm
+
+    resources = launch.get("resources") or Resources()
+    if launcher == "ray":
+        yield from launch_ray(
+            compute_unit, specs, resources, launch.get("address"), stream=True, label=lambda s: s.task_name
+        )
+    elif launcher == "slurm":
+        started = launch_slurm(
+            compute_unit, specs, resources, launch.get("log_dir"), launch.get("cluster", "slurm"), "probe-evaluate"
+        )
+        yield from started.as_completed()
+    else:
+        from joblib import Parallel, delayed
+
+        yield from Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")(
+            delayed(compute_unit)(s) for s in specs
+        )
+
+
 def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str], channel: str | None = None) -> str:
-    parts: list[Any] = [provenance_hash(run), name, cfg.as_dict(), list(templates)]
+    parts: list[Any] = [provenance_hash(run), name, cfg.cache_dict(), list(templates)]
     if channel is not None:
         parts.append({"channel": channel})
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -123,8 +198,10 @@ def _task_arrays(
                 f"--dataset {run.provenance.get('dataset_spec')} --templates YOUR_FILE` to add these prompts"
             ) from None
         prompt_emb = text_emb[idx]
+    every = len(rows) == len(x) and bool((rows == np.arange(len(x))).all())
+    xs = x if every else x[rows]  # a task over every row shares the run's array (no copy)
     return TaskArrays(
-        task, rows, x[rows], task.y[keep], meta.iloc[rows].reset_index(drop=True), prompt_emb, tuple(templates)
+        task, rows, xs, task.y[keep], meta.iloc[rows].reset_index(drop=True), prompt_emb, tuple(templates)
     )
 
 
@@ -240,15 +317,21 @@ def evaluate_store(
     force: bool = False,
     jobs: int = 1,
     progress: Callable[[Unit, int, int], None] | None = None,
+    launcher: str | None = None,
+    launch: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Evaluate every extracted model in the store; results are saved after each unit.
 
-    `progress(unit, done, total)` is called after each computed unit.
+    `progress(unit, done, total)` is called after each computed unit. `jobs` > 1 computes units
+    in worker processes, `launcher` ("ray", "slurm") on a cluster (`launch`: resources, address,
+    log_dir, cluster as for `launch.launch_ray` / `launch_slurm`); see the module docstring.
     """
     from . import allocator
 
     allocator.tune()  # folds, bootstrap and FAISS batches reuse heap memory instead of re-mapping it
     cfg = cfg or EvalConfig()
+    if launcher not in (None, "local", "ray", "slurm"):
+        raise UsageError(f"--launcher for evaluate must be local, ray or slurm, not {launcher!r}")
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     units, plan_notes = plan_units(st, cfg, models, tasks, templates)
     rd = ResultsDir(results_dir) if results_dir else None
@@ -279,7 +362,7 @@ def evaluate_store(
         notes.extend(f"{unit.model_name}: {n}" for n in out.notes)
         timings[f"{unit.model_name} {unit.task_name}"] = round(seconds, 3)
         if rd:
-            rd.save(
+            table, preds = rd.save(
                 table,
                 preds,
                 {**record, "notes": notes, "timings_s": timings, "elapsed_s": round(time.perf_counter() - t0, 3)},
@@ -287,16 +370,10 @@ def evaluate_store(
         if progress:
             progress(unit, len(timings), len(todo))
 
-    if jobs > 1 and len(todo) > 1:
-        from joblib import Parallel, delayed
-
-        def timed(u: Unit) -> tuple[Output, float]:
-            s = time.perf_counter()
-            return run_unit(u, cfg), time.perf_counter() - s
-
-        results = Parallel(n_jobs=jobs, prefer="threads", return_as="generator")(delayed(timed)(u) for u in todo)
-        for unit, (out, secs) in zip(todo, results, strict=True):
-            finish(unit, out, secs)
+    if launcher in ("ray", "slurm") or (jobs > 1 and len(todo) > 1):
+        by_key = {u.key: u for u in todo}
+        for key, out, secs in _elsewhere([_spec(st, u, cfg) for u in todo], jobs, launcher, launch or {}):
+            finish(by_key[key], out, secs)
     else:
         for unit in todo:
             s = time.perf_counter()

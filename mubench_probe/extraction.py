@@ -9,6 +9,12 @@ Several writers may extract the same run at once (processes on one machine, or m
 the store): each claims a chunk right before its first batch is dispatched and skips chunks
 claimed by a live writer, so every chunk is computed once; at the end it waits for the chunks
 other writers hold, taking over those whose writer died (see `claims.py`).
+
+Sharding (`ExtractConfig.shard = (I, N)`): a process computes only the chunks of shard I (chunk
+ci belongs to shard ci mod N, `config.shard_of`), and shard 0 also encodes the text table. N
+processes on any machines then fill one store; two processes of the same shard split its chunks
+through the claims, so a shard can be rerun, killed or run twice without harm. Every chunk is
+computed exactly as a single process computes it, so the store is byte-identical.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import allocator
 from .claims import HOST, ChunkClaims, ClaimInfo
-from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions
+from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions, shard_of
 from .datasets import LoadedDataset, reads_planes, row_source, slug
 from .encoders import Encoder
 from .errors import ImageDecodeError
@@ -159,6 +165,7 @@ class ExtractReport:
     chunks_by_others: int = 0  # written by concurrent writers while this one ran
     repaired: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. rows without a pixel size under --target-mpp
+    shard: tuple[int, int] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -266,6 +273,17 @@ def cpu_threads_for(encoder: Encoder, rows: ImageRows, sample_rows: Sequence[int
         yield threads
     finally:
         torch.set_num_threads(before)
+
+
+def shard_chunks(n_chunks: int, shard: tuple[int, int] | None) -> list[int]:
+    """The row chunks a shard computes (all of them without sharding)."""
+    return list(range(n_chunks)) if shard is None else [c for c in range(n_chunks) if shard_of(c, shard[1]) == shard[0]]
+
+
+def shard_rows(n_rows: int, chunk_rows: int, shard: tuple[int, int] | None) -> int:
+    """How many rows a shard computes (for progress bars)."""
+    layout = RunLayout(n_rows, 1, chunk_rows)
+    return sum(_rows(layout, c) for c in shard_chunks(layout.n_chunks, shard))
 
 
 def _rows(layout: RunLayout, ci: int) -> int:
@@ -408,10 +426,14 @@ def run_extraction(
     layout = run.layout
     claims = claims or run.claims(config.claim_timeout)
     texts_encoded = 0
+    mine = set(shard_chunks(layout.n_chunks, config.shard))
+    does_texts = encoder.has_text and (config.shard is None or config.shard[0] == 0)
+    if config.shard is not None:
+        claims.note_shards(config.shard[1])
 
     def encode_texts() -> None:
         nonlocal texts_encoded
-        if not encoder.has_text or run.texts_done or not claims.try_claim("texts"):
+        if not does_texts or run.texts_done or not claims.try_claim("texts"):
             return
         try:
             run.reload()
@@ -425,9 +447,9 @@ def run_extraction(
         finally:
             claims.release("texts")
 
-    missing = run.missing_chunks()
-    skipped = layout.n_chunks - len(missing)
-    reported = layout.n_rows - sum(_rows(layout, c) for c in missing)
+    missing = [c for c in run.missing_chunks() if c in mine]
+    skipped = len(mine) - len(missing)
+    reported = sum(_rows(layout, c) for c in mine) - sum(_rows(layout, c) for c in missing)
     if progress:
         progress(reported)
     rows_done, image_seconds, written = 0, 0.0, []
@@ -443,8 +465,8 @@ def run_extraction(
             else:
                 encode_texts()
             run.reload()
-            remaining = run.missing_chunks()
-            texts_pending = encoder.has_text and not run.texts_done
+            remaining = [c for c in run.missing_chunks() if c in mine]
+            texts_pending = does_texts and not run.texts_done
             if not remaining and not texts_pending:
                 break
             held = {k: c for k, c in claims.owners().items() if c.live}
@@ -457,7 +479,7 @@ def run_extraction(
                 notify(_waiting_message(held, claims.timeout))
             time.sleep(WAIT_POLL_S)
     if progress:
-        progress(layout.n_rows - reported - rows_done)  # rows other writers extracted meanwhile
+        progress(sum(_rows(layout, c) for c in mine) - reported - rows_done)  # rows other writers extracted meanwhile
     notes = []
     if spec.target_mpp is not None:
         unknown = int(np.isnan(row_mpp(ds)).sum())
@@ -476,7 +498,8 @@ def run_extraction(
         run.failures_unchecked(),
         time.perf_counter() - t0,
         image_seconds,
-        chunks_by_others=layout.n_chunks - skipped - len(written),
+        chunks_by_others=len(mine) - skipped - len(written),
         repaired=list(run.repairs),
         notes=notes,
+        shard=config.shard,
     )

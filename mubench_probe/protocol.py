@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .config import PROBE_HEADS, EvalConfig, parse_where
 from .errors import ProbeError, UsageError
-from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
+from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice, scoring
 from .heads.metrics import (
     Estimate,
     classification_metrics,
@@ -36,6 +36,7 @@ from .heads.metrics import (
     paired_difference,
 )
 from .heads.retrieval import caption_retrieval
+from .heads.scoring import view
 from .tasks import COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
 
 # Errors a head raises on data it cannot handle (too few rows, degenerate classes, ...): they
@@ -69,6 +70,8 @@ class TaskArrays:
     def subset(self, keep: np.ndarray, classes: Sequence[int] | None = None) -> TaskArrays:
         """The rows in `keep` (bool mask), relabelled to `classes` (old indices, in order)."""
         classes = list(range(self.task.n_classes)) if classes is None else list(classes)
+        if keep.all() and classes == list(range(self.task.n_classes)):
+            return self  # nothing to drop: no copy of the embeddings
         lookup = np.full(self.task.n_classes, -1)
         lookup[classes] = np.arange(len(classes))
         keep = keep & (lookup[self.y] >= 0)
@@ -312,6 +315,17 @@ def _report(
             out.add(name, head, "accuracy", est["accuracy"], stratum=f"{col}={v}")
 
 
+def _blocks(idx: np.ndarray) -> list[np.ndarray]:
+    """Index blocks of bounded size: predictions are made a block of rows at a time."""
+    step = scoring.GATHER_ROWS
+    return [idx[s : s + step] for s in range(0, len(idx), step)] or [idx]
+
+
+def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """x[idx], or x itself when idx is every row in order (no copy)."""
+    return x if len(idx) == len(x) and bool((idx == np.arange(len(x))).all()) else x[idx]
+
+
 def _guarded(out: Output, name: str, head: str, fn: Callable[[], None]) -> None:
     """Run one head; data it cannot handle becomes a note and a skipped head."""
     try:
@@ -367,7 +381,9 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
         def proto() -> None:
             pred = np.full(len(t.y), -1, dtype=np.int64)
             for train, te in folds:
-                pred[te] = PrototypeHead(t.task.n_classes).fit(t.x[train], t.y[train]).predict(t.x[te])
+                head = PrototypeHead(t.task.n_classes).fit(view(t.x, train), t.y[train])
+                for block in _blocks(te):
+                    pred[block] = head.predict(t.x[block])
             _report(out, t, "proto", test, pred[test], cfg)
             correct["proto"] = pred == t.y
 
@@ -390,7 +406,7 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
 
 
 def _zero_shot(out: Output, t: TaskArrays, test: np.ndarray, cfg: EvalConfig, correct: dict) -> None:
-    name, x = t.task.name, t.x[test]
+    name, x = t.task.name, _rows(t.x, test)
     assert t.prompt_emb is not None
     pred = np.full(len(t.y), -1, dtype=np.int64)
     pred[test] = PromptZeroShot.from_templates(t.prompt_emb).predict(x)
@@ -439,9 +455,17 @@ def _linear_probe(
     probes = []
     groups = _sources(t) if grouped else None
     for i, (train, te) in enumerate(folds):
-        probe = LinearProbe(Cs=cfg.cs, patience=cfg.patience, random_state=cfg.seed, fallback_C=cfg.fallback_c)
-        probe.fit(t.x[train], t.y[train], groups=groups[train] if groups is not None else None)
-        pred[te] = probe.predict(t.x[te])
+        probe = LinearProbe(
+            Cs=cfg.cs,
+            patience=cfg.patience,
+            random_state=cfg.seed,
+            fallback_C=cfg.fallback_c,
+            backend=cfg.probe_backend,
+            device=cfg.device,
+        )
+        probe.fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
+        for block in _blocks(te):
+            pred[block] = probe.predict(t.x[block])
         _probe_record(out, name, "lp", probe, len(train), f"fold={i}", None)
         probes.append((f"fold {i}", probe))
         if len(probe.classes_) < 2:
@@ -457,14 +481,31 @@ def _linear_probe(
         )
 
 
+RECALL_QUERIES = 1000  # test rows per fold on which an approximate kNN index is checked against exact search
+
+
 def _knn(out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig) -> None:
+    """Out-of-fold kNN; with an approximate --knn-index, its recall@10 against exact search too."""
     preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
-    for train, te in folds:
-        knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes).fit(t.x[train], t.y[train])
-        for k, p in knn.predict_all(t.x[te]).items():
-            preds[k][te] = p
+    recalls, asked = [], 0
+    device = None if cfg.device == "auto" else cfg.device
+    for i, (train, te) in enumerate(folds):
+        knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes, index=cfg.knn_index, device=device, seed=cfg.seed)
+        knn.fit(view(t.x, train), t.y[train])
+        for block in _blocks(te):
+            for k, p in knn.predict_all(t.x[block]).items():
+                preds[k][block] = p
+        if cfg.knn_index != "Flat":
+            rng = np.random.default_rng(cfg.seed + i)
+            sample = np.sort(rng.choice(te, size=min(RECALL_QUERIES, len(te)), replace=False))
+            recalls.append(knn.recall(t.x[sample], 10))
+            asked += len(sample)
     for k, p in preds.items():
         _report(out, t, f"knn@{k}", test, p[test], cfg, strata=k == cfg.ks[min(2, len(cfg.ks) - 1)])
+    if recalls:
+        out.add(
+            t.task.name, "knn", "index_recall@10", float(np.mean(recalls)), stratum=f"index={cfg.knn_index}", n=asked
+        )
 
 
 def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None:
@@ -480,12 +521,18 @@ def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None
                 out.notes.append(f"{name}: {shots}-shot skipped (a class has fewer than {shots} training rows)")
                 break
             probe = LinearProbe(
-                Cs=cfg.cs, patience=cfg.patience, val_fraction=0.5, random_state=s, fallback_C=cfg.fallback_c
+                Cs=cfg.cs,
+                patience=cfg.patience,
+                val_fraction=0.5,
+                random_state=s,
+                fallback_C=cfg.fallback_c,
+                backend=cfg.probe_backend,
+                device=cfg.device,
             ).fit(t.x[idx], t.y[idx])
             probes.append((f"seed {s}", probe))
             _probe_record(out, name, f"lp_{shots}shot", probe, len(idx), "all", s)
             for head, model in (("lp", probe), ("proto", PrototypeHead(t.task.n_classes).fit(t.x[idx], t.y[idx]))):
-                pred = model.predict(t.x[test])
+                pred = np.concatenate([model.predict(t.x[block]) for block in _blocks(test)])
                 est = classification_metrics(t.y[test], pred, t.task.n_classes, 0)["accuracy"]
                 out.add(name, f"{head}_{shots}shot", "accuracy", est, seed=s)
                 accs[head].append(est.value)

@@ -18,6 +18,17 @@ attributes hold the provenance with its sha256 digest and a digest of the text t
 plan; `done/zarr.json` keeps a copy of both, from which a damaged group `zarr.json` is rebuilt.
 A run is created under `.creating/` and renamed into place, so it appears complete or not at
 all. Claims of concurrent writers live in `.claims/` (see `claims.py`); neither is a Zarr node.
+
+Object stores (`s3://...`, any fsspec URL; see `locations.py`) have no rename. There a run is
+built in memory, its objects are uploaded under the run's prefix with the two metadata
+documents last (`done/zarr.json`, the provenance copy, then the group `zarr.json`), and the group
+`zarr.json` is written with a conditional put (`If-None-Match: *`): it is the commit, the first
+writer wins and the others join. The upload happens under the run's `create` claim, so two
+creators never interleave. A prefix without a committed `zarr.json` is absent while its creator
+is alive; afterwards it is a damaged run if its provenance copy made it (repaired from it like a
+local run), else an abandoned creation, flagged by verify and removed by the next writer.
+Every other guarantee is the same: chunk files are listed (never read as fill values), checked
+against their checksums and digests, and repaired the same way.
 """
 
 from __future__ import annotations
@@ -42,10 +53,12 @@ import pandas as pd
 import zarr
 import zarr.codecs as zc
 import zarr.errors
+import zarr.storage
 from zarr.core.sync import sync
 
-from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, LocalChunkClaims, pid_alive
+from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, ChunkClaims, pid_alive
 from .errors import CorruptChunkError, ProvenanceMismatchError, StoreDamageError, StoreError
+from .locations import LocalLocation, Location, location
 
 FORMAT_VERSION = 2
 DEFAULT_STORE = Path("stores") / "default.zarr"
@@ -74,6 +87,8 @@ IDENTITY_KEYS = (
     "dataset_scene",
 )
 _BUILDING: set[str] = set()  # .creating folders this process is building right now
+CREATE_WAIT_S = 0.25  # how often a writer looks again at a run another writer is creating (object stores)
+READ_BLOCK_BYTES = 64 << 20  # embeddings are read and normalised this much stored data at a time
 _WRITE = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
 # What zarr, its JSON metadata parser and its codecs raise on a damaged or missing file.
 _DAMAGE = (ValueError, LookupError, TypeError)
@@ -88,6 +103,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def normalize_rows(x: np.ndarray) -> None:
+    """`l2_normalize` in place, for float32 x (the same values, without a second array)."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    ok = n > 0
+    np.divide(x, n, out=x, where=ok)
+    x[~ok[:, 0]] = 0.0
 
 
 def digest(obj: Any) -> str:
@@ -229,9 +252,10 @@ def _backup(attrs: Mapping[str, Any]) -> dict[str, Any]:
 class Run:
     """One (model, dataset, split) group: embeddings, texts, labels and provenance."""
 
-    def __init__(self, group: zarr.Group, store_path: Path) -> None:
+    def __init__(self, group: zarr.Group, store_path: Path | str, loc: Location | None = None) -> None:
         self.group = group
-        self.store_path = Path(store_path)
+        self.loc = loc or LocalLocation(store_path)
+        self.store_path = self.loc.path  # a Path for a folder, the URL for an object store
         self.repairs: list[str] = []  # what prepare_run repaired when it reopened this run
         self._intact = False
 
@@ -240,8 +264,9 @@ class Run:
     def path(self) -> str:
         return self.group.path
 
-    def file(self, *parts: str) -> Path:
-        return self.store_path / self.path / Path(*parts)
+    def file(self, *parts: str) -> Any:
+        """A file of the run (a Path in a folder store, a URL in an object store), for messages."""
+        return self.loc.display(self.path, *parts)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -421,9 +446,25 @@ class Run:
         self._intact = True
 
     def image_embeddings(self, normalize: bool = True) -> np.ndarray:
+        """The (N, D) float32 embeddings, L2-normalised: read and normalised a block of chunks at a
+        time into one float32 array, so reading holds that array plus one block (not the stored
+        float16 array, a float32 copy and a normalised copy at once)."""
         self.require_intact()
-        x = np.asarray(self._read("image_emb"), dtype=np.float32)
-        return l2_normalize(x) if normalize else x
+        return self._read_rows("image_emb", (), normalize)
+
+    def _read_rows(self, name: str, tail: tuple, normalize: bool) -> np.ndarray:
+        """Array `name` (rows first, `tail` selecting the rest down to (N, D)) as float32, by blocks."""
+        arr = self._array(name)
+        n, d = arr.shape[0], arr.shape[-1]
+        out = np.empty((n, d), dtype=np.float32)
+        cr = max(arr.chunks[0], 1)
+        step = max(cr, READ_BLOCK_BYTES // max(d * arr.dtype.itemsize, 1) // cr * cr)
+        for s in range(0, n, step):
+            block = out[s : s + step]
+            block[:] = self._read(name, (slice(s, s + step), *tail))
+            if normalize:
+                normalize_rows(block)
+        return out
 
     @property
     def channel_labels(self) -> list[str]:
@@ -436,8 +477,7 @@ class Run:
         if not self.layout.channels:
             raise StoreError(f"{self.path} has no per-channel embeddings (extract with --channel-mode each)")
         self.require_intact()
-        x = np.asarray(self._read("channel_emb", (slice(None), k)), dtype=np.float32)
-        return l2_normalize(x) if normalize else x
+        return self._read_rows("channel_emb", (k,), normalize)
 
     def features(self) -> np.ndarray | None:
         self.require_intact()
@@ -535,7 +575,7 @@ class Run:
             try:
                 arr = self.group[name]
             except _DAMAGE as exc:
-                missing = isinstance(exc, KeyError) and not self.file(name, "zarr.json").exists()
+                missing = isinstance(exc, KeyError) and not self.loc.exists(f"{self.path}/{name}/zarr.json")
                 what = "is missing" if missing else f"zarr.json is unreadable ({_why(exc)})"
                 out.append(Damage(node, what, _fix_for(name), name))
                 continue
@@ -630,12 +670,11 @@ class Run:
         return [str(d) for d in self.check(deep=True)]
 
     def size_bytes(self) -> int:
-        root = self.store_path / self.path
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return self.loc.size(self.path)
 
-    def claims(self, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> LocalChunkClaims:
+    def claims(self, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> ChunkClaims:
         """The claims of concurrent writers on this run (files under `.claims/`, not a Zarr node)."""
-        return LocalChunkClaims(self.store_path / CLAIMS / self.path, timeout)
+        return self.loc.claims(f"{CLAIMS}/{self.path}", timeout)
 
     # ---- repair ---------------------------------------------------------------------------
     def repair(
@@ -777,9 +816,10 @@ class BrokenRun:
     """A run folder whose group zarr.json is missing or unreadable."""
 
     path: str
-    store_path: Path
+    store_path: Any
     reason: str
     store: Any = None
+    loc: Location | None = None
 
     def check(self, deep: bool = False) -> list[Damage]:
         return [Damage(self.path, f"zarr.json {self.reason}", "provenance")]
@@ -799,8 +839,7 @@ class BrokenRun:
         )
 
     def size_bytes(self) -> int:
-        root = self.store_path / self.path
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return (self.loc or LocalLocation(self.store_path)).size(self.path)
 
 
 class RunArrays:
@@ -871,34 +910,36 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, t
     return {k: (old.get(k), new.get(k)) for k in IDENTITY_KEYS if old.get(k) != new.get(k)}
 
 
-def _dirs(p: Path) -> list[Path]:
-    """Child folders that can be Zarr nodes (dot-folders hold claims and runs being created)."""
-    return sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")) if p.is_dir() else []
+def _dirs(loc: Location, rel: str = "") -> list[str]:
+    """Child folders that can be Zarr nodes (dot-folders hold claims and runs being created), as paths."""
+    return [f"{rel}/{name}" if rel else name for name in loc.dirs(rel) if not name.startswith(".")]
 
 
 class EmbeddingStore:
     """A directory of run groups; the only code in the package that touches Zarr."""
 
     def __init__(self, path: str | Path, create: bool = False, repair: bool = False) -> None:
-        self.path = Path(path)
+        self.loc = location(path)
+        self.path = self.loc.path  # a Path for a folder, the URL string for an object store
         self.repaired: list[str] = []  # what opening with repair=True fixed
-        marker = self.path / "zarr.json"
-        if not marker.exists() and not (repair and self.path.is_dir()):
+        marker = self.loc.display("zarr.json")
+        zstore = self.loc.zarr_store()
+        if not self.loc.exists("zarr.json") and not (repair and self.loc.is_dir("")):
             if not create:
                 raise StoreError(f"no store at {self.path} (run `probe extract --store {self.path}`)")
-            self._create_root(marker)
-            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            self._create_root()
+            self.root = zarr.open_group(zstore, mode="r+", zarr_format=3)
             return
         try:
-            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            self.root = zarr.open_group(zstore, mode="r+", zarr_format=3)
         except _DAMAGE as exc:
             if not repair:
                 raise StoreDamageError(
                     f"{marker} is unreadable ({_why(exc)}); repair with `probe verify --repair {self.path}`"
                 ) from None
             self.repaired.append(f"{marker} was unreadable ({_why(exc)}): rewritten")
-            marker.unlink(missing_ok=True)
-            self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+            self.loc.delete("zarr.json")
+            self.root = zarr.open_group(zstore, mode="a", zarr_format=3)
             self.root.attrs.update({"mubench_probe_store": FORMAT_VERSION, "created": _now()})
         version = self.root.attrs.get("mubench_probe_store")
         if version is None:
@@ -909,42 +950,60 @@ class EmbeddingStore:
                 f"reads format {FORMAT_VERSION}): extract again into a new --store"
             )
 
-    def _create_root(self, marker: Path) -> None:
-        """Write the root's zarr.json whole, marker attribute included, and link it into place.
+    def _create_root(self) -> None:
+        """Write the root's zarr.json whole, marker attribute included, only if it is absent.
 
         A writer opening the store at the same moment then sees either no store or a complete,
-        marked one (never a group without its attribute, or a half-written file); the first link
-        wins and the others use it.
+        marked one (never a group without its attribute, or a half-written file); the first
+        exclusive create wins (a hard link on a filesystem, a conditional put on an object store)
+        and the others use it.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
         meta = {
             "attributes": {"mubench_probe_store": FORMAT_VERSION, "created": _now()},
             "zarr_format": 3,
             "node_type": "group",
         }
-        tmp = self.path / f".zarr.json.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(meta, indent=2))
-        try:
-            os.link(tmp, marker)
-        except FileExistsError:
-            pass  # another writer created the store at this moment
-        finally:
-            tmp.unlink(missing_ok=True)
+        self.loc.create("zarr.json", json.dumps(meta, indent=2).encode())
 
     # ---- listing ----------------------------------------------------------------------------
     def _open(self, path: str) -> Run | BrokenRun:
         try:
             g = zarr.open_group(self.root.store, path=path, mode="r+", zarr_format=3)
         except _DAMAGE as exc:
-            reason = "is unreadable" if (self.path / path / "zarr.json").exists() else "is missing"
+            reason = "is unreadable" if self.loc.exists(f"{path}/zarr.json") else "is missing"
             if not isinstance(exc, zarr.errors.GroupNotFoundError):
                 reason += f" ({_why(exc)})"
-            return BrokenRun(path, self.path, reason, self.root.store)
-        return Run(g, self.path)
+            return BrokenRun(path, self.path, reason, self.root.store, self.loc)
+        return Run(g, self.path, self.loc)
+
+    def _run_paths(self) -> list[str]:
+        return [s for m in _dirs(self.loc) for d in _dirs(self.loc, m) for s in _dirs(self.loc, d)]
 
     def scan(self) -> list[Run | BrokenRun]:
-        """Every run folder `MODEL/DATASET/SPLIT`, readable or not (for info, verify and repair)."""
-        return [self._open(f"{m.name}/{d.name}/{s.name}") for m in _dirs(self.path) for d in _dirs(m) for s in _dirs(d)]
+        """Every run folder `MODEL/DATASET/SPLIT`, readable or not (for info, verify and repair).
+
+        In an object store, a run prefix without a committed zarr.json is left out while its
+        creator is alive, and when nothing can restore it (an abandoned creation, see `check`).
+        """
+        out: list[Run | BrokenRun] = []
+        for path in self._run_paths():
+            if self.loc.remote and not self.loc.exists(f"{path}/zarr.json") and self._uncommitted(path) is not None:
+                continue
+            out.append(self._open(path))
+        return out
+
+    def _uncommitted(self, path: str) -> str | None:
+        """Object stores: why a run prefix without zarr.json is not (yet) a run; None if it is a damaged run."""
+        if self._creating(path):
+            return "being created"
+        if BrokenRun(path, self.path, "", self.root.store, self.loc).backup_record() is None:
+            return "abandoned"
+        return None
+
+    def _creating(self, path: str) -> bool:
+        claims = self.loc.claims(f"{CLAIMS}/{path}", DEFAULT_CLAIM_TIMEOUT)
+        info = claims.owners().get("create")
+        return info is not None and info.live
 
     def runs(self) -> list[Run]:
         """Every run, refusing the store in one line if a run's zarr.json or provenance is damaged."""
@@ -976,22 +1035,30 @@ class EmbeddingStore:
         out = self._parent_damage()
         for node in self.scan():
             out += node.check(deep)
-        out += [Damage(f"{CREATING}/{p.name}", what, "creating") for p, what in self._abandoned(timeout)]
+        out += [Damage(_creating_name(p), what, "creating") for p, what in self._abandoned(timeout)]
         return out
 
     def _parent_damage(self) -> list[Damage]:
         out = []
-        for m in _dirs(self.path):
-            for node in (m, *_dirs(m)):
-                rel = node.relative_to(self.path).as_posix()
+        for m in _dirs(self.loc):
+            for rel in (m, *_dirs(self.loc, m)):
                 try:
                     zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
                 except _DAMAGE as exc:
                     out.append(Damage(rel, f"zarr.json is missing or unreadable ({_why(exc)})", "parent"))
         return out
 
-    def _abandoned(self, timeout: float) -> list[tuple[Path, str]]:
-        """Folders under .creating left by a creator that is gone (same host: dead pid; else old)."""
+    def _abandoned(self, timeout: float) -> list[tuple[Any, str]]:
+        """Folders under .creating left by a creator that is gone (same host: dead pid; else old).
+
+        In an object store: run prefixes whose creator is gone before its provenance copy was
+        written (nothing can restore them; the data they hold was never committed)."""
+        if self.loc.remote:
+            return [
+                (path, "is a half-created run left by an interrupted `probe extract`")
+                for path in self._run_paths()
+                if not self.loc.exists(f"{path}/zarr.json") and self._uncommitted(path) == "abandoned"
+            ]
         folder = self.path / CREATING
         out = []
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -1011,8 +1078,11 @@ class EmbeddingStore:
         """Remove half-created runs and rewrite damaged intermediate group zarr.json files."""
         done = []
         for p, what in self._abandoned(timeout):
-            shutil.rmtree(p, ignore_errors=True)
-            done.append(f"{CREATING}/{p.name} {what}: removed")
+            if isinstance(p, Path):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                self.loc.rmtree(p)
+            done.append(f"{_creating_name(p)} {what}: removed")
         for d in self._parent_damage():
             self._ensure_group(d.node)
             done.append(f"{d}: rewritten")
@@ -1064,7 +1134,9 @@ class EmbeddingStore:
         self.cleanup()
         args = (path, provenance, layout, meta, texts, captions, prompts)
         for _ in range(3):
-            if not (self.path / path).exists():
+            if self.loc.remote:
+                self._wait_for_creator(path)
+            if not self.loc.exists(path):
                 created = self._create(*args, replace=False)
                 if created is not None:
                     return created
@@ -1121,6 +1193,8 @@ class EmbeddingStore:
         replace: bool,
     ) -> Run | None:
         """Build the run under .creating/ and rename it into place; None if another writer won."""
+        if self.loc.remote:
+            return self._publish(path, provenance, layout, meta, texts, captions, prompts, replace)
         scratch = self.path / CREATING / f"{HOST}@{os.getpid()}.{uuid.uuid4().hex[:12]}"
         scratch.parent.mkdir(parents=True, exist_ok=True)
         _BUILDING.add(scratch.name)
@@ -1170,8 +1244,59 @@ class EmbeddingStore:
             raise run.error()
         return run
 
+    def _wait_for_creator(self, path: str) -> None:
+        """Object stores: while another writer is creating `path`, wait for its commit (then join it)."""
+        while not self.loc.exists(f"{path}/zarr.json") and self._creating(path):
+            time.sleep(CREATE_WAIT_S)
+
+    def _publish(
+        self,
+        path: str,
+        provenance: dict[str, Any],
+        layout: RunLayout,
+        meta: pd.DataFrame,
+        texts: Sequence[str],
+        captions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        prompts: Mapping[str, Any],
+        replace: bool,
+    ) -> Run | None:
+        """Object stores: build the run in memory, upload it, commit with a conditional put of its
+        zarr.json (first writer wins); all under the run's `create` claim. None if another writer won."""
+        commit = f"{path}/zarr.json"
+        with self.loc.claims(f"{CLAIMS}/{path}", DEFAULT_CLAIM_TIMEOUT) as claims:
+            while not claims.try_claim("create"):
+                if self.loc.exists(commit) and not replace:
+                    return None
+                time.sleep(CREATE_WAIT_S)
+            if self.loc.exists(commit) and not replace:
+                return None  # committed by another writer meanwhile: join it
+            self.loc.rmtree(path)  # a replaced run, or what a creator that died left uncommitted
+            mem = zarr.storage.MemoryStore()
+            _build_run(
+                zarr.open_group(mem, mode="w", zarr_format=3),
+                {**provenance, "created": _now()},
+                layout,
+                meta,
+                texts,
+                captions,
+                prompts,
+            )
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                self._ensure_group("/".join(parts[:i]))
+            files = {f"{path}/{k}": v.to_bytes() for k, v in sorted(mem._store_dict.items())}
+            group_json, backup = files.pop(commit), files.pop(f"{path}/done/zarr.json")
+            self.loc.write_many(files)
+            self.loc.write_bytes(f"{path}/done/zarr.json", backup)
+            if not self.loc.create(commit, group_json):
+                return None
+        run = self._open(path)
+        if isinstance(run, BrokenRun):
+            raise run.error()
+        return run
+
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.loc.size("")
 
 
 def _build_run(
@@ -1249,4 +1374,58 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
         "templates": node.prompts().get("templates", []),
         "size_bytes": node.size_bytes(),
         "provenance": p,
+    }
+
+
+def _creating_name(p: Any) -> str:
+    return f"{CREATING}/{p.name}" if isinstance(p, Path) else str(p)
+
+
+def run_status(node: Run | BrokenRun, shards: int | None = None) -> dict[str, Any]:
+    """Progress of one run for `probe status`: chunks done / total, per shard, live and stale claims.
+
+    Cheap (the done flags and the claims, no checksums). `shards` defaults to the count the
+    shards recorded when they started (`ChunkClaims.note_shards`).
+    """
+    from .config import shard_of
+
+    out: dict[str, Any] = {"group": node.path, "model": None, "dataset": None, "status": "damaged"}
+    if isinstance(node, BrokenRun) or not node.provenance_ok:
+        return {**out, "chunks_done": None, "chunks_total": None, "shards": None, "per_shard": [], "claims": []}
+    p = node.provenance
+    try:
+        done = node._check_done(node.group["done"])[0]
+    except _DAMAGE:
+        done = np.zeros(node.layout.n_chunks, dtype=bool)
+    claims = node.claims()
+    owners = claims.owners()
+    n = shards or claims.shards_noted()
+    held = [
+        {"key": str(k), "host": c.host, "pid": c.pid, "age_s": round(c.age_s, 1), "live": c.live}
+        for k, c in sorted(owners.items(), key=lambda kv: str(kv[0]))
+    ]
+    per_shard = []
+    for i in range(n or 0):
+        mine = [c for c in range(done.size) if shard_of(c, n or 1) == i]
+        per_shard.append(
+            {
+                "shard": i,
+                "done": int(done[mine].sum()) if mine else 0,
+                "total": len(mine),
+                "live_claims": sum(1 for k, c in owners.items() if isinstance(k, int) and k in mine and c.live),
+                "stale_claims": sum(1 for k, c in owners.items() if isinstance(k, int) and k in mine and not c.live),
+            }
+        )
+    complete = bool(done.all()) and node.texts_done
+    return {
+        **out,
+        "model": p.get("model_spec"),
+        "dataset": p.get("dataset_spec"),
+        "status": "complete" if complete else "incomplete",
+        "chunks_done": int(done.sum()),
+        "chunks_total": int(done.size),
+        "texts_done": node.texts_done,
+        "shards": n,
+        "per_shard": per_shard,
+        "claims": held,
     }

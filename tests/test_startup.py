@@ -22,6 +22,8 @@ def test_store_reading_commands_do_not_import_torch(tiny_store, tmp_path):
         ["export", str(tiny_store), str(tmp_path / "e.parquet"), "--to", "parquet"],
         ["export", str(tiny_store), str(tmp_path / "e.h5ad")],
         ["info", str(tiny_store)],
+        ["status", str(tiny_store)],
+        ["extract", "--help"],
         ["verify", str(tiny_store)],
         ["evaluate", "--help"],
         ["models"],

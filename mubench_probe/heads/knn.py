@@ -4,6 +4,11 @@ Votes are exp(similarity / T) (T = 0.07, as in DINO's evaluation). Neighbours co
 `scoring.top_k`: FAISS proposes candidates, exact scores rank them, and neighbours with equal
 similarity are ordered by training index, so duplicates tie the same way on every machine.
 A class absent from the training rows can never be predicted (it gets no votes).
+
+At scale (`index` = a FAISS factory such as "IVF4096,Flat" or "HNSW32", see `index.ann_index`)
+an approximate index proposes the candidates instead; they are still re-scored and ranked
+exactly, and `recall` measures the index against exact search on a sample of queries. A
+gallery given as rows of a larger array (`fit(..., rows=)`) is never copied whole.
 """
 
 from __future__ import annotations
@@ -12,11 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DEFAULT_KS, TEMPERATURE
-from .scoring import top_k
+from .scoring import RowView, top_k, validate_fit
 
 
 def search(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,10 +33,17 @@ def weighted_votes(
 ) -> dict[int, np.ndarray]:
     """Predictions for each k from one neighbour list; vote ties go to the lower class index."""
     w = np.exp((scores - scores[:, :1]) / temperature)  # shifted for stability; argmax unchanged
-    onehot = np.zeros((*labels.shape, n_classes))
-    np.put_along_axis(onehot, labels[..., None], 1.0, axis=-1)
-    cum = np.cumsum(onehot * w[..., None], axis=1)
-    return {k: cum[:, min(k, cum.shape[1]) - 1].argmax(axis=1) for k in ks}
+    votes = np.zeros((len(labels), n_classes))  # (queries, classes): no (queries, k, classes) array
+    at = {min(k, labels.shape[1]) - 1: k for k in ks}
+    out: dict[int, np.ndarray] = {}
+    rows = np.arange(len(labels))
+    for j in range(labels.shape[1]):
+        votes[rows, labels[:, j]] += w[:, j]  # neighbour j's vote, added in rank order
+        if j in at:
+            out[at[j]] = votes.argmax(axis=1)
+    for k in ks:  # several k beyond the neighbours found share the last column's votes
+        out.setdefault(k, out[at[min(k, labels.shape[1]) - 1]])
+    return {k: out[k] for k in ks}
 
 
 class KNNHead(ClassifierMixin, BaseEstimator):
@@ -43,24 +54,62 @@ class KNNHead(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(
-        self, ks: Sequence[int] = DEFAULT_KS, temperature: float = TEMPERATURE, n_classes: int | None = None
+        self,
+        ks: Sequence[int] = DEFAULT_KS,
+        temperature: float = TEMPERATURE,
+        n_classes: int | None = None,
+        index: str = "Flat",
+        device: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.ks = ks
         self.temperature = temperature
         self.n_classes = n_classes
+        self.index = index
+        self.device = device
+        self.seed = seed
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> KNNHead:
-        X, y = validate_data(self, X, y, dtype=np.float32)
-        check_classification_targets(y)
+    def fit(self, X: np.ndarray | RowView, y: np.ndarray, rows: np.ndarray | None = None) -> KNNHead:
+        """Store the gallery: X, or the `rows` of X without copying them (a RowView)."""
+        if rows is not None and not isinstance(X, RowView):
+            X = RowView(np.asarray(X), rows)
+        X, y = validate_fit(self, X, y, np.float32)
         self.classes_, self.y_ = encode_labels(y, self.n_classes)
-        self.x_ = np.ascontiguousarray(X)
+        self.x_: np.ndarray | RowView = X if isinstance(X, RowView) else np.ascontiguousarray(X)
+        self.ann_ = None
+        if self.index != "Flat":
+            from ..index import ann_index
+
+            self.ann_ = ann_index(self.x_, self.index, seed=self.seed, device=self.device)
         return self
+
+    def _candidates(self):
+        if self.ann_ is None:
+            return None
+        ann = self.ann_
+        return lambda q, kk: ann.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1]
+
+    def neighbours(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores and gallery positions of the top-k (candidates from the index, if any)."""
+        q = np.asarray(X, dtype=np.float32)
+        if self.ann_ is None and not isinstance(self.x_, RowView):
+            return search(self.x_, q, k)
+        return top_k(self.x_, q, k, self._candidates(), prove=self.ann_ is None)
+
+    def recall(self, X: np.ndarray, k: int = 10) -> float:
+        """Fraction of the exact top-k (exact search) that this head's neighbours hold (1.0 for Flat)."""
+        if self.ann_ is None:
+            return 1.0
+        k = min(k, len(self.x_))
+        exact = top_k(self.x_, np.asarray(X, dtype=np.float32), k)[1]
+        found = self.neighbours(X, k)[1]
+        return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(exact, found, strict=True)]))
 
     def predict_all(self, X: np.ndarray) -> dict[int, np.ndarray]:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
         ks = tuple(self.ks)
-        scores, idx = search(self.x_, X, max(ks))
+        scores, idx = self.neighbours(X, max(ks))
         votes = weighted_votes(scores, self.y_[idx], len(self.classes_), ks, self.temperature)
         return {k: self.classes_[p] for k, p in votes.items()}
 

@@ -29,6 +29,15 @@ How C is chosen, and why:
   predictions of the whole warm-started sweep equal those of cold, plain scikit-learn fits at
   tol 1e-8 on the raw features (tests/test_probe.py checks this on hard data).
 - Without any validation data (one example per class) C is `fallback_C` (see FALLBACK_C).
+
+Solvers (`backend`): "sklearn" minimises that objective with scipy's L-BFGS-B (above);
+"torch" minimises the very same objective, on the same reparameterised problem, inside the
+same sweep, with torch's full-batch L-BFGS (strong Wolfe line search) in float64, on the GPU when
+`device` is one: at a million rows the loss and gradient are two matrix products that a GPU
+does in milliseconds. Both stop on the same max |gradient| <= tol. "auto" is torch on a GPU,
+else sklearn. At scale (training rows given as a RowView, more than LARGE_CELLS values) the
+CPU solver never materialises the float64 problem: centring, scaling, loss and gradient are
+computed over blocks of rows gathered from the float32 embeddings.
 """
 
 from __future__ import annotations
@@ -37,15 +46,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_expit, logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C
+from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C, resolve_backend
+from . import scoring
+from .scoring import RowView, validate_fit
 
 DEFAULT_TOL = 1e-7
 DEFAULT_MAX_ITER = 1000
@@ -149,6 +160,57 @@ def _objective(w: np.ndarray, z: np.ndarray, target: np.ndarray, lam: float, k: 
     return float(loss) + 0.5 * lam * float((wk[:, :d] ** 2).sum()), grad.ravel()
 
 
+class BlockZ:
+    """The reparameterised features (x[rows] - mean) / scale of a RowView, never materialised:
+    rows are gathered, converted to float64, centred and scaled one block at a time."""
+
+    def __init__(self, view: RowView, mean: np.ndarray, scale: float, idx: np.ndarray | None = None) -> None:
+        self.view, self.mean, self.scale = view, mean, scale
+        self.idx = np.arange(len(view)) if idx is None else idx
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.idx), self.view.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, rows: np.ndarray) -> BlockZ:
+        return BlockZ(self.view, self.mean, self.scale, self.idx[rows])
+
+    def blocks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        size = size or max(1, scoring.GATHER_ROWS // 4)  # float64: a quarter of the rows of a float32 block
+        for s in range(0, len(self.idx), size):
+            block = np.asarray(self.view[self.idx[s : s + size]], dtype=np.float64)
+            block -= self.mean
+            block /= self.scale
+            yield s, block
+
+
+def _blocked_objective(w: np.ndarray, z: BlockZ, y: np.ndarray, lam: float, k: int) -> tuple[float, np.ndarray]:
+    """`_objective` summed over blocks of rows (labels as indices: no (n, k) one-hot in memory)."""
+    n, d = z.shape
+    wk = w.reshape(k, d + 1)
+    loss, grad = 0.0, np.zeros_like(wk)
+    for s, zb in z.blocks():
+        yb = y[s : s + len(zb)]
+        logits = zb @ wk[:, :d].T + wk[:, d]
+        if k == 1:
+            margin, target = logits[:, 0], yb.astype(np.float64)
+            loss -= float((target * log_expit(margin) + (1 - target) * log_expit(-margin)).sum())
+            resid = (np.exp(log_expit(margin)) - target)[:, None]
+        else:
+            lse = logsumexp(logits, axis=1)
+            loss += float((lse - logits[np.arange(len(yb)), yb]).sum())
+            resid = np.exp(logits - lse[:, None])
+            resid[np.arange(len(yb)), yb] -= 1.0
+        grad[:, :d] += resid.T @ zb
+        grad[:, d] += resid.sum(axis=0)
+    grad /= n
+    grad[:, :d] += lam * wk[:, :d]
+    return loss / n + 0.5 * lam * float((wk[:, :d] ** 2).sum()), grad.ravel()
+
+
 @dataclass
 class _Fit:
     """Weights (k, d) and intercepts (k,) of one solved problem; k = 1 for two classes."""
@@ -157,7 +219,12 @@ class _Fit:
     intercept: np.ndarray
     n_iter: int
 
-    def decision(self, z: np.ndarray) -> np.ndarray:
+    def decision(self, z: np.ndarray | BlockZ) -> np.ndarray:
+        if isinstance(z, BlockZ):
+            out = np.empty((len(z), len(self.intercept)))
+            for s, zb in z.blocks():
+                out[s : s + len(zb)] = zb @ self.coef.T + self.intercept
+            return out
         return z @ self.coef.T + self.intercept
 
     def predict(self, z: np.ndarray) -> np.ndarray:
@@ -166,23 +233,95 @@ class _Fit:
 
 
 def fit_logistic(
-    z: np.ndarray, y: np.ndarray, n_classes: int, C: float, tol: float, max_iter: int, start: _Fit | None = None
+    z: np.ndarray | BlockZ,
+    y: np.ndarray,
+    n_classes: int,
+    C: float,
+    tol: float,
+    max_iter: int,
+    start: _Fit | None = None,
 ) -> _Fit:
     """Minimise scikit-learn's penalised log-loss for labels 0..n_classes-1 (warm start from `start`)."""
     n, d = z.shape
     k = 1 if n_classes == 2 else n_classes
-    target = y.astype(np.float64) if k == 1 else np.eye(n_classes)[y]
     w0 = np.zeros((k, d + 1)) if start is None else np.hstack([start.coef, start.intercept[:, None]])
+    if isinstance(z, BlockZ):
+        fn, args = _blocked_objective, (z, np.asarray(y, dtype=np.int64), 1.0 / (C * n), k)
+    else:
+        fn, args = _objective, (z, y.astype(np.float64) if k == 1 else np.eye(n_classes)[y], 1.0 / (C * n), k)
     res = minimize(
-        _objective,
+        fn,
         w0.ravel(),
-        args=(z, target, 1.0 / (C * n), k),
+        args=args,
         jac=True,
         method="L-BFGS-B",
         options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 0.0},
     )
     w = res.x.reshape(k, d + 1)
     return _Fit(w[:, :d].copy(), w[:, d].copy(), int(res.nit))
+
+
+def fit_logistic_torch(
+    z: Any,
+    y: np.ndarray,
+    n_classes: int,
+    C: float,
+    tol: float,
+    max_iter: int,
+    start: _Fit | None = None,
+) -> _Fit:
+    """The same objective as `fit_logistic`, minimised by torch's full-batch L-BFGS in float64.
+
+    `z` is a float64 torch tensor (on any device; see `LinearProbe._tensor`). Stops when
+    max |gradient| <= tol (as scipy's gtol), or after `max_iter` iterations.
+    """
+    import torch
+
+    n, d = z.shape
+    k = 1 if n_classes == 2 else n_classes
+    dev = z.device
+    yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
+    w0 = np.zeros((k, d + 1)) if start is None else np.hstack([start.coef, start.intercept[:, None]])
+    w = torch.tensor(w0, dtype=torch.float64, device=dev, requires_grad=True)
+    lam = 1.0 / (C * n)
+
+    def objective() -> torch.Tensor:
+        logits = z @ w[:, :d].T + w[:, d]
+        if k == 1:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], yt.to(torch.float64))
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, yt)
+        return loss + 0.5 * lam * (w[:, :d] ** 2).sum()
+
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    out = w.detach().cpu().numpy()
+    return _Fit(out[:, :d].copy(), out[:, d].copy(), n_iter)
+
+
+def torch_device(device: str | None) -> str:
+    """The torch device for the probe: cuda when asked (or `auto` with a GPU), else cpu."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
 
 
 def choose_c(curve: list[tuple[float, float]]) -> float:
@@ -219,6 +358,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         max_iter: int = DEFAULT_MAX_ITER,
         random_state: int = 0,
         fallback_C: float = FALLBACK_C,
+        backend: str = "sklearn",
+        device: str | None = None,
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -228,11 +369,18 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
         self.fallback_C = fallback_C
+        self.backend = backend
+        self.device = device
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
-        """Choose C and fit; with `groups`, C is validated on held-out groups (see grouped_validation_split)."""
-        x, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
+    def fit(self, X: np.ndarray | RowView, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
+        """Choose C and fit; with `groups`, C is validated on held-out groups (see grouped_validation_split).
+
+        X may be a RowView (the training rows of a larger array), solved without materialising it."""
+        self._backend = resolve_backend(self.backend, self.device)
+        self._tensors: dict[int, Any] = {}
+        x, y = validate_fit(self, X, y, np.float64)
+        if isinstance(x, RowView):
+            return self._fit_blocked(x, y, groups)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.val_curve_: list[tuple[float, float]] = []
         self.validation_ = "none"
@@ -255,6 +403,46 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.intercept_ = self._fit_.intercept - self.coef_ @ self._mean
         return self
 
+    def _fit_blocked(self, view: RowView, y: np.ndarray, groups: np.ndarray | None) -> LinearProbe:
+        """The same fit with centring, scaling and the objective computed over blocks of rows."""
+        n, d = view.shape
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        self.val_curve_, self.validation_, self.at_edge_, self.n_iter_, self.n_features_in_ = [], "none", False, 0, d
+        if len(self.classes_) < 2:
+            self.C_ = float("nan")
+            self.coef_, self.intercept_ = np.zeros((1, d)), np.zeros(1)
+            return self
+        total = np.zeros(d)
+        for _, block in view.blocks():
+            total += block.sum(axis=0, dtype=np.float64)
+        self._mean = total / n
+        sq = 0.0
+        for _, block in view.blocks():
+            sq += float(((block.astype(np.float64) - self._mean) ** 2).sum())
+        self._scale = float(np.sqrt(sq / n)) or 1.0
+        self._basis = None  # more rows than dimensions at this size
+        with serial_optimizer_blas():
+            self._fit_ = self._sweep(BlockZ(view, self._mean, self._scale), y_idx, groups)
+        self.coef_ = self._fit_.coef / self._scale
+        self.intercept_ = self._fit_.intercept - self.coef_ @ self._mean
+        return self
+
+    def _tensor(self, z: np.ndarray | BlockZ) -> Any:
+        """z as a float64 torch tensor on the probe's device, converted once per fit."""
+        import torch
+
+        key = id(z)
+        if key not in self._tensors:
+            dev = torch_device(self.device)
+            if isinstance(z, BlockZ):
+                t = torch.empty(z.shape, dtype=torch.float64, device=dev)
+                for s, zb in z.blocks():
+                    t[s : s + len(zb)] = torch.from_numpy(zb)
+            else:
+                t = torch.as_tensor(np.ascontiguousarray(z), dtype=torch.float64, device=dev)
+            self._tensors[key] = (z, t)  # z kept alive so that its id stays unique
+        return self._tensors[key][1]
+
     def _reparam(self, x: np.ndarray) -> np.ndarray:
         z = x - self._mean
         if self._basis is not None:
@@ -262,8 +450,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return z / self._scale
 
     def _solve(self, z: np.ndarray, y: np.ndarray, c: float, start: _Fit | None = None) -> _Fit:
-        """Fit labels 0..k-1 of `y` (all of them present) at C = c."""
-        fit = fit_logistic(z, y, int(y.max()) + 1, c * self._scale**2, self.tol, self.max_iter, start)
+        """Fit labels 0..k-1 of `y` (all of them present) at C = c, with the chosen backend."""
+        if getattr(self, "_backend", "sklearn") == "torch":
+            fit = fit_logistic_torch(
+                self._tensor(z), y, int(y.max()) + 1, c * self._scale**2, self.tol, self.max_iter, start
+            )
+        else:
+            fit = fit_logistic(z, y, int(y.max()) + 1, c * self._scale**2, self.tol, self.max_iter, start)
         self.n_iter_ += fit.n_iter
         return fit
 
@@ -285,9 +478,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         fit: _Fit | None = None
         best: _Fit | None = None
         scores: list[float] = []
+        z_tr, z_va = z[tr], z[va]  # once for the whole sweep (the torch backend moves them once)
         for c in self.Cs:
-            fit = self._solve(z[tr], y_tr, c, fit)  # warm start from the previous C
-            scores.append(float((seen[fit.predict(z[va])] == y[va]).mean()))
+            fit = self._solve(z_tr, y_tr, c, fit)  # warm start from the previous C
+            scores.append(float((seen[fit.predict(z_va)] == y[va]).mean()))
             self.val_curve_.append((float(c), scores[-1]))
             if scores[-1] > max(scores[:-1], default=-1.0):
                 best = fit

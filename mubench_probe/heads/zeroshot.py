@@ -10,12 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import UsageError
 from .knn import encode_labels
-from .scoring import BLOCK_ROWS, exact_pairs, exact_scores, grid
+from .scoring import BLOCK_ROWS, RowView, exact_pairs, exact_scores, grid, validate_fit
 
 
 def caption_choice(
@@ -67,12 +66,15 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, n_classes: int | None = None) -> None:
         self.n_classes = n_classes
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> CosineClassifier:
-        X, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
+    def fit(self, X: np.ndarray | RowView, y: np.ndarray) -> CosineClassifier:
+        """Class means of the normalised rows of X (an array, or a RowView: summed block by block,
+        in row order, so the sums are the same as in one pass)."""
+        X, y = validate_fit(self, X, y, np.float64)
         self.classes_, idx = encode_labels(y, self.n_classes)
+        blocks = X.blocks(BLOCK_ROWS) if isinstance(X, RowView) else iter([(0, X)])
         sums = np.zeros((len(self.classes_), X.shape[1]))
-        np.add.at(sums, idx, _unit_rows(X))
+        for start, block in blocks:  # in row order: the same sums as one np.add.at over all rows
+            np.add.at(sums, idx[start : start + len(block)], _unit_rows(np.asarray(block, dtype=np.float64)))
         self.present_ = np.bincount(idx, minlength=len(self.classes_)) > 0
         self.weights_ = _unit_rows(sums).astype(np.float32)
         return self
