@@ -817,23 +817,30 @@ def _report_problems(problems: list[str], store: str) -> None:
 def status(
     store: Annotated[str, typer.Argument(help="Zarr store (directory or fsspec URL).")] = str(api.DEFAULT_STORE),
     shards: Annotated[int | None, typer.Option(help="Show progress per shard for N shards [as recorded].")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Progress of every run: chunks done / total, per shard, live and stale claims (cheap, no checksums)."""
+    fmt = _check_format(fmt, as_json)
     st = api.store_status(store, shards)
-    if as_json:
-        out.print_json(json.dumps(st, default=str))
+    if fmt == "json":
+        typer.echo(json.dumps(st, default=str, indent=2))
         return
-    table = Table(title=f"{store}", title_justify="left")
-    for col in ("run", "status", "chunks", "shards", "claims"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for r in st["runs"]:
         live = sum(1 for c in r["claims"] if c["live"])
-        stale = len(r["claims"]) - live
-        per = "  ".join(f"{s['shard']}: {s['done']}/{s['total']}" for s in r["per_shard"]) or "–"
-        chunks = "?" if r["chunks_total"] is None else f"{r['chunks_done']}/{r['chunks_total']}"
-        table.add_row(r["group"], r["status"], chunks, per, f"{live} live, {stale} stale")
-    out.print(table)
+        rows.append(
+            {
+                "run": r["group"],
+                "status": r["status"],
+                "chunks": "?" if r["chunks_total"] is None else f"{r['chunks_done']}/{r['chunks_total']}",
+                "shards": "  ".join(f"{s['shard']}: {s['done']}/{s['total']}" for s in r["per_shard"]) or "–",
+                "claims": f"{live} live, {len(r['claims']) - live} stale",
+            }
+        )
+    _emit(rows, fmt, title=str(store))
+    if fmt != "table":
+        return
     for r in st["runs"]:
         for c in r["claims"]:
             state = "live" if c["live"] else "stale (taken over by the next writer)"

@@ -315,9 +315,9 @@ def _report(
             out.add(name, head, "accuracy", est["accuracy"], stratum=f"{col}={v}")
 
 
-def _blocks(idx: np.ndarray) -> list[np.ndarray]:
-    """Index blocks of bounded size: predictions are made a block of rows at a time."""
-    step = scoring.GATHER_ROWS
+def _blocks(idx: np.ndarray, dim: int) -> list[np.ndarray]:
+    """Index blocks of bounded size: predictions are made a block of rows of `dim` floats at a time."""
+    step = scoring.gather_rows(dim)
     return [idx[s : s + step] for s in range(0, len(idx), step)] or [idx]
 
 
@@ -382,7 +382,7 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
             pred = np.full(len(t.y), -1, dtype=np.int64)
             for train, te in folds:
                 head = PrototypeHead(t.task.n_classes).fit(view(t.x, train), t.y[train])
-                for block in _blocks(te):
+                for block in _blocks(te, t.x.shape[1]):
                     pred[block] = head.predict(t.x[block])
             _report(out, t, "proto", test, pred[test], cfg)
             correct["proto"] = pred == t.y
@@ -464,7 +464,7 @@ def _linear_probe(
             device=cfg.device,
         )
         probe.fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
-        for block in _blocks(te):
+        for block in _blocks(te, t.x.shape[1]):
             pred[block] = probe.predict(t.x[block])
         _probe_record(out, name, "lp", probe, len(train), f"fold={i}", None)
         probes.append((f"fold {i}", probe))
@@ -492,7 +492,7 @@ def _knn(out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalCo
     for i, (train, te) in enumerate(folds):
         knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes, index=cfg.knn_index, device=device, seed=cfg.seed)
         knn.fit(view(t.x, train), t.y[train])
-        for block in _blocks(te):
+        for block in _blocks(te, t.x.shape[1]):
             for k, p in knn.predict_all(t.x[block]).items():
                 preds[k][block] = p
         if cfg.knn_index != "Flat":
@@ -500,6 +500,7 @@ def _knn(out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalCo
             sample = np.sort(rng.choice(te, size=min(RECALL_QUERIES, len(te)), replace=False))
             recalls.append(knn.recall(t.x[sample], 10))
             asked += len(sample)
+        del knn  # this fold's index (a copy of its gallery) goes before the next fold's is built
     for k, p in preds.items():
         _report(out, t, f"knn@{k}", test, p[test], cfg, strata=k == cfg.ks[min(2, len(cfg.ks) - 1)])
     if recalls:
@@ -532,7 +533,7 @@ def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None
             probes.append((f"seed {s}", probe))
             _probe_record(out, name, f"lp_{shots}shot", probe, len(idx), "all", s)
             for head, model in (("lp", probe), ("proto", PrototypeHead(t.task.n_classes).fit(t.x[idx], t.y[idx]))):
-                pred = np.concatenate([model.predict(t.x[block]) for block in _blocks(test)])
+                pred = np.concatenate([model.predict(t.x[block]) for block in _blocks(test, t.x.shape[1])])
                 est = classification_metrics(t.y[test], pred, t.task.n_classes, 0)["accuracy"]
                 out.add(name, f"{head}_{shots}shot", "accuracy", est, seed=s)
                 accs[head].append(est.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -18,6 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Nor depend on weights some earlier run left in this machine's caches: every cache is empty here
 # (Hugging Face, torch hub, timm, and open_clip's ~/.cache/clip, which follows HOME).
 _CACHES = tempfile.mkdtemp(prefix="mubench-test-caches-")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)  # gone with the test session
 for _var in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "HOME"):
     os.environ[_var] = os.path.join(_CACHES, _var.lower())
     os.makedirs(os.environ[_var], exist_ok=True)

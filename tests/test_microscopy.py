@@ -427,3 +427,24 @@ def test_target_mpp_on_a_csv_with_missing_sizes_notes_them(tmp_path, real_crops)
 
 def _spec(**kw) -> PixelSpec:
     return PixelSpec(get_policy("percentile"), **kw)
+
+
+def test_shards_and_worker_processes_handle_per_channel_runs(plate_store, plate, tmp_path):
+    """--channel-mode each meets the scale-out: two shards fill the per-channel arrays byte for
+    byte as one process did, and units of each channel computed in worker processes equal serial ones."""
+    store = tmp_path / "sharded.zarr"
+    for i in (1, 0):  # either order
+        api.extract(TINY, str(plate), store=store, shard=f"{i}/2", **EACH)
+    for array in ("channel_emb", "image_emb", "done"):
+        a, b = (
+            sorted((p.relative_to(s).as_posix(), p.read_bytes()) for p in (s / GROUP / array).rglob("*") if p.is_file())
+            for s in (store, plate_store)
+        )
+        assert a == b, array
+    cfg = api.EvalConfig(heads=("knn", "proto"), folds=2, n_boot=0, ks=(1, 3))
+    serial = api.evaluate(store, cfg, results_dir=tmp_path / "r1")
+    procs = api.evaluate(store, cfg, results_dir=tmp_path / "r2", jobs=2)
+    assert {f"{TINY}#channel=Mito", TINY} <= set(procs.table["model"])
+    cols = ["model", "task", "head", "metric", "stratum", "value", "unit"]
+    a, b = (r.table[cols].sort_values(cols[:5]).reset_index(drop=True) for r in (serial, procs))
+    pd.testing.assert_frame_equal(a, b)

@@ -157,6 +157,29 @@ def test_local_launcher_runs_one_process_per_shard(tmp_path, reference):
     assert contents(store) == reference
 
 
+def test_torchrun_runs_one_shard_per_rank(tmp_path, reference):
+    """The documented multi-GPU path on one node: torchrun starts K ranks, `--shard auto` reads
+    RANK/WORLD_SIZE (here on CPU; on a GPU node each rank adds --device cuda:$LOCAL_RANK)."""
+    store = str(tmp_path / "torchrun.zarr")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "mubench_probe.cli", "extract", *map(str, OPTS), "--store", store, "--shard", "auto"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len({pid for _, pid in _written(store)}) == 2, "two ranks"
+    assert contents(store) == reference
+
+
+def test_each_local_shard_sees_its_own_gpus(monkeypatch):
+    from mubench_probe.launch import _visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert [_visible_gpus(i, 1) for i in range(5)] == ["0", "1", "2", "3", "0"]
+    assert [_visible_gpus(i, 2) for i in range(2)] == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: (_ for _ in ()).throw(OSError("no nvidia-smi")))
+    assert _visible_gpus(0, 1) == ""  # no GPU: nothing to restrict
+
+
 def test_slurm_job_array_through_submitit_local_executor(tmp_path, reference):
     """The whole --launcher slurm path (submitit job array) with submitit's local executor."""
     pytest.importorskip("submitit")  # a test dependency: installed by the `test` extra

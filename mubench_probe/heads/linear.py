@@ -179,7 +179,7 @@ class BlockZ:
         return BlockZ(self.view, self.mean, self.scale, self.idx[rows])
 
     def blocks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        size = size or max(1, scoring.GATHER_ROWS // 4)  # float64: a quarter of the rows of a float32 block
+        size = size or max(1, scoring.gather_rows(self.view.shape[1]) // 2)  # float64: half the rows of a float32 block
         for s in range(0, len(self.idx), size):
             block = np.asarray(self.view[self.idx[s : s + size]], dtype=np.float64)
             block -= self.mean

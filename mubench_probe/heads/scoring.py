@@ -28,7 +28,13 @@ from sklearn.utils.validation import column_or_1d, validate_data
 FRACTION_BITS = 24
 BLOCK_ROWS = 4096
 LARGE_CELLS = 1 << 26  # galleries above this many floats (256 MB float32) are never copied whole
-GATHER_ROWS = 65536  # rows gathered at a time from a RowView
+GATHER_ROWS = 65536  # at most this many rows gathered at a time from a RowView ...
+GATHER_BYTES = 1 << 25  # ... and at most 32 MB of float32 (8,192 rows of 1024-d)
+
+
+def gather_rows(dim: int) -> int:
+    """Rows per gathered block for vectors of `dim` floats (read at call time, so tests can shrink it)."""
+    return max(1, min(GATHER_ROWS, GATHER_BYTES // (4 * max(dim, 1))))
 
 
 class RowView:
@@ -54,8 +60,8 @@ class RowView:
         return self.x[idx] if self.rows is None else self.x[self.rows[idx]]
 
     def blocks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, contiguous float32 block) over all rows, in order (GATHER_ROWS rows by default)."""
-        size = size or GATHER_ROWS
+        """(start, contiguous float32 block) over all rows, in order (`gather_rows` rows by default)."""
+        size = size or gather_rows(self.x.shape[1])
         for s in range(0, len(self), size):
             block = self.x[s : s + size] if self.rows is None else self.x[self.rows[s : s + size]]
             yield s, np.ascontiguousarray(block, dtype=np.float32)
@@ -196,7 +202,8 @@ def top_k(
     slack = 4.0 * np.sqrt(gallery.shape[1]) * np.finfo(np.float32).eps * 2.0 ** (2 * FRACTION_BITS) / (sg * sq)
     todo, kk = np.arange(len(queries)), min(n, k + margin)
     while len(todo):
-        found = np.asarray(search(queries[todo], kk), dtype=np.int64)  # one search call per round
+        q = queries if len(todo) == len(queries) else queries[todo]  # the first round: no copy
+        found = np.asarray(search(q, kk), dtype=np.int64)  # one search call per round
         unsure = []
         block = max(1, (1 << 21) // (kk * max(gallery.shape[1], 1)))  # ~16 MB of float64 per step
         for start in range(0, len(todo), block):

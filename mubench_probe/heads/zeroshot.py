@@ -85,7 +85,9 @@ class CosineClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         scores = exact_scores(X, self.weights_)
         scores[:, ~self.present_] = -np.inf
-        norms = np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+        norms = np.empty((len(X), 1))  # in row blocks: no float64 copy of X
+        for s in range(0, len(X), BLOCK_ROWS):
+            norms[s : s + BLOCK_ROWS] = np.linalg.norm(X[s : s + BLOCK_ROWS].astype(np.float64), axis=1, keepdims=True)
         return np.divide(scores, norms, out=scores, where=norms > 0)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
