@@ -435,12 +435,16 @@ def test_shards_and_worker_processes_handle_per_channel_runs(plate_store, plate,
     store = tmp_path / "sharded.zarr"
     for i in (1, 0):  # either order
         api.extract(TINY, str(plate), store=store, shard=f"{i}/2", **EACH)
-    for array in ("channel_emb", "image_emb", "done"):
+    for array in ("channel_emb", "image_emb", "failure", "done"):  # chunk files (done/zarr.json holds times)
         a, b = (
-            sorted((p.relative_to(s).as_posix(), p.read_bytes()) for p in (s / GROUP / array).rglob("*") if p.is_file())
+            sorted(
+                (p.relative_to(s).as_posix(), p.read_bytes())
+                for p in (s / GROUP / array / "c").rglob("*")
+                if p.is_file()
+            )
             for s in (store, plate_store)
         )
-        assert a == b, array
+        assert a and a == b, array
     cfg = api.EvalConfig(heads=("knn", "proto"), folds=2, n_boot=0, ks=(1, 3))
     serial = api.evaluate(store, cfg, results_dir=tmp_path / "r1")
     procs = api.evaluate(store, cfg, results_dir=tmp_path / "r2", jobs=2)

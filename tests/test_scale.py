@@ -180,6 +180,21 @@ def test_each_local_shard_sees_its_own_gpus(monkeypatch):
     assert _visible_gpus(0, 1) == ""  # no GPU: nothing to restrict
 
 
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    import torch
+
+    from mubench_probe.encoders.base import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert select_device("auto") == torch.device("cuda")
+    for rank, index in (("0", 0), ("1", 1), ("3", 1)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert select_device("auto") == torch.device("cuda", index)
+    assert select_device("cpu") == torch.device("cpu")  # an explicit device is kept
+
+
 def test_slurm_job_array_through_submitit_local_executor(tmp_path, reference):
     """The whole --launcher slurm path (submitit job array) with submitit's local executor."""
     pytest.importorskip("submitit")  # a test dependency: installed by the `test` extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -18,9 +19,15 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def select_device(name: str | None = None) -> torch.device:
-    """`auto` (default) picks cuda, then mps, then cpu; anything else is passed to torch."""
+    """`auto` (default) picks cuda, then mps, then cpu; anything else is passed to torch.
+
+    Under torchrun (LOCAL_RANK set), `auto` gives each rank its own GPU, cuda:LOCAL_RANK (modulo the
+    GPUs visible), so `torchrun --nproc_per_node K ... --shard auto` runs one shard per device."""
     if name in (None, "", "auto"):
         if torch.cuda.is_available():
+            rank = os.environ.get("LOCAL_RANK", "")
+            if rank.isdigit():
+                return torch.device("cuda", int(rank) % max(torch.cuda.device_count(), 1))
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
