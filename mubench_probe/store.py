@@ -963,7 +963,12 @@ class EmbeddingStore:
             "zarr_format": 3,
             "node_type": "group",
         }
-        self.loc.create("zarr.json", json.dumps(meta, indent=2).encode())
+        data = json.dumps(meta, indent=2).encode()
+        try:
+            self.loc.create("zarr.json", data)
+        except StoreError:  # a filesystem without conditional writes: one creator (see "Running at scale")
+            if not self.loc.exists("zarr.json"):
+                self.loc.write_bytes("zarr.json", data)
 
     # ---- listing ----------------------------------------------------------------------------
     def _open(self, path: str) -> Run | BrokenRun:

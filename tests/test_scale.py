@@ -366,3 +366,17 @@ def _synthetic_args():
     meta = pd.DataFrame({"label_name": list("abababab"), "dataset": "synth"})
     prov = {"model_spec": "synthetic:random", "backend": "test", "weights_hash": "0", "has_text": False}
     return ("synthetic_random/synth/test", prov, RunLayout(8, 4, 3, "float32"), meta, [], {}, {})
+
+
+def test_a_store_root_is_created_on_a_filesystem_without_conditional_writes(monkeypatch):
+    """One creator needs no conditional put: the root is written plainly (claims still refuse to race)."""
+    from mubench_probe.errors import StoreError
+    from mubench_probe.locations import FsspecLocation
+
+    def refuse(self, rel, data):
+        raise StoreError("this filesystem cannot write a file only if it is absent")
+
+    monkeypatch.setattr(FsspecLocation, "create", refuse)
+    url = f"memory://no-conditional-{os.getpid()}.zarr"
+    EmbeddingStore(url, create=True)
+    assert EmbeddingStore(url).runs() == [] and location(url).exists("zarr.json")
