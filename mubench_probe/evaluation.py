@@ -97,22 +97,29 @@ class UnitSpec:
     channel: str | None = None  # one channel's embeddings (a `--channel-mode each` run)
 
 
-_WORKER_ARRAYS: dict[tuple[str, str], RunArrays] = {}  # a worker's last run, reused by its next units
+_WORKER_ARRAYS: dict[tuple[str, str, str | None], RunArrays] = {}  # a worker's last run and its channel views
+
+
+def _worker_arrays(spec: UnitSpec) -> RunArrays:
+    """The arrays of the spec's run (or channel), read once per worker and reused by its next units."""
+    key, base_key = (spec.store, spec.run, spec.channel), (spec.store, spec.run, None)
+    if key not in _WORKER_ARRAYS:
+        if base_key not in _WORKER_ARRAYS:
+            _WORKER_ARRAYS.clear()  # one run's arrays at a time per worker
+            node = EmbeddingStore(spec.store)._open(spec.run)
+            if not isinstance(node, Run):
+                raise node.error()
+            _WORKER_ARRAYS[base_key] = RunArrays(node)
+        base = _WORKER_ARRAYS[base_key]
+        if spec.channel is not None:
+            _WORKER_ARRAYS[key] = ChannelArrays(base, base.run.channel_labels.index(spec.channel))
+    return _WORKER_ARRAYS[key]
 
 
 def compute_unit(spec: UnitSpec) -> tuple[str, Output, float]:
     """Compute one unit in a worker process (a loky worker, a Ray task, a Slurm job): (key, output, seconds)."""
     t0 = time.perf_counter()
-    ident = (spec.store, spec.run)
-    if ident not in _WORKER_ARRAYS:
-        _WORKER_ARRAYS.clear()  # one run's arrays at a time per worker
-        node = EmbeddingStore(spec.store)._open(spec.run)
-        if not isinstance(node, Run):
-            raise node.error()
-        _WORKER_ARRAYS[ident] = RunArrays(node)
-    arrays: RunArrays = _WORKER_ARRAYS[ident]
-    if spec.channel is not None:
-        arrays = ChannelArrays(arrays, arrays.run.channel_labels.index(spec.channel))
+    arrays = _worker_arrays(spec)
     payload = None
     if spec.kind == "task":
         task = next(t for t in derive_tasks(arrays.meta) if t.name == spec.task_name)

@@ -20,12 +20,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DEFAULT_KS, TEMPERATURE
-from .scoring import RowView, top_k, validate_fit
+from .scoring import RowView, grid, top_k, validate_fit
 
 
-def search(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    train: np.ndarray, query: np.ndarray, k: int, train_grid: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products (exact float64 scores, training indices), ties to the lower index."""
-    return top_k(np.asarray(train, dtype=np.float32), np.asarray(query, dtype=np.float32), k)
+    train, query = np.asarray(train, dtype=np.float32), np.asarray(query, dtype=np.float32)
+    return top_k(train, query, k, gallery_grid=train_grid)
 
 
 def weighted_votes(
@@ -76,6 +79,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         X, y = validate_fit(self, X, y, np.float32)
         self.classes_, self.y_ = encode_labels(y, self.n_classes)
         self.x_: np.ndarray | RowView = X if isinstance(X, RowView) else np.ascontiguousarray(X)
+        self.grid_ = grid(self.x_)  # once: every block of queries is scored on this gallery's grid
         self.ann_ = None
         if self.index != "Flat":
             from ..index import ann_index
@@ -93,15 +97,15 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         """Exact scores and gallery positions of the top-k (candidates from the index, if any)."""
         q = np.asarray(X, dtype=np.float32)
         if self.ann_ is None and not isinstance(self.x_, RowView):
-            return search(self.x_, q, k)
-        return top_k(self.x_, q, k, self._candidates(), prove=self.ann_ is None)
+            return search(self.x_, q, k, self.grid_)
+        return top_k(self.x_, q, k, self._candidates(), prove=self.ann_ is None, gallery_grid=self.grid_)
 
     def recall(self, X: np.ndarray, k: int = 10) -> float:
         """Fraction of the exact top-k (exact search) that this head's neighbours hold (1.0 for Flat)."""
         if self.ann_ is None:
             return 1.0
         k = min(k, len(self.x_))
-        exact = top_k(self.x_, np.asarray(X, dtype=np.float32), k)[1]
+        exact = top_k(self.x_, np.asarray(X, dtype=np.float32), k, gallery_grid=self.grid_)[1]
         found = self.neighbours(X, k)[1]
         return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(exact, found, strict=True)]))
 

@@ -179,6 +179,7 @@ def top_k(
     candidates: CandidateFn | None = None,
     margin: int = 16,
     prove: bool = True,
+    gallery_grid: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by exact score, ties to the lower row: (scores float64, rows).
 
@@ -189,6 +190,8 @@ def top_k(
     Missing candidates (-1, from approximate indexes) rank last with score -inf. With an
     approximate candidate generator, `prove=False`: its candidates are re-scored and ranked
     exactly, but nothing is searched again (approximate search cannot prove anything).
+    `gallery_grid`: `grid(gallery)` when the caller already has it (a head searching one gallery
+    block after block of queries: a RowView gallery is read whole to find it).
     """
     n = len(gallery)
     k = min(k, n)
@@ -197,7 +200,7 @@ def top_k(
     if k == 0 or len(queries) == 0:
         return scores, rows
     search = candidates or faiss_candidates(gallery)
-    sg, sq = grid(gallery), grid(queries)
+    sg, sq = gallery_grid or grid(gallery), grid(queries)
     # float32 dot products are off by at most a few sqrt(d) ulps of the product of the norms
     slack = 4.0 * np.sqrt(gallery.shape[1]) * np.finfo(np.float32).eps * 2.0 ** (2 * FRACTION_BITS) / (sg * sq)
     todo, kk = np.arange(len(queries)), min(n, k + margin)
