@@ -127,21 +127,57 @@ class ChunkClaims(ABC):
         self.close()
 
 
-class LocalChunkClaims(ChunkClaims):
-    """Claim files in a local (or NFS) folder; see the module docstring for the rules."""
+class _HeartbeatClaims(ChunkClaims):
+    """What both backends share: this writer's identity, the keys it holds, and the thread that
+    refreshes their heartbeat every timeout/4 seconds (at most 30 s) until `close`."""
 
-    def __init__(self, folder: Path, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
+    _held: Any  # the keys this writer holds (iterating gives the keys), per backend
+
+    def _init_writer(self, timeout: float) -> None:
         if timeout <= 0:
             raise ValueError("claim timeout must be positive")
-        self.folder = Path(folder)
         self.timeout = float(timeout)
         self.token = uuid.uuid4().hex
         self.pid = os.getpid()
         self._start = process_start(self.pid)
-        self._held: dict[Key, Path] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+
+    @abstractmethod
+    def _refresh(self, key: Key) -> None:
+        """Renew the heartbeat of a claim this writer holds."""
+
+    def _start_heartbeat(self) -> None:
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        interval = max(0.05, min(self.timeout / 4, 30.0))
+        while not self._stop.wait(interval):
+            with self._lock:
+                keys = list(self._held)
+            for key in keys:
+                self._refresh(key)
+
+    def close(self) -> None:
+        self._stop.set()
+        for key in list(self._held):
+            self.release(key)
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+            self._beat = None
+        self._stop = threading.Event()
+
+
+class LocalChunkClaims(_HeartbeatClaims):
+    """Claim files in a local (or NFS) folder; see the module docstring for the rules."""
+
+    def __init__(self, folder: Path, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
+        self._init_writer(timeout)
+        self.folder = Path(folder)
+        self._held: dict[Key, Path] = {}
 
     # ---- files -----------------------------------------------------------------------------
     def _path(self, key: Key) -> Path:
@@ -267,32 +303,12 @@ class LocalChunkClaims(ChunkClaims):
             out.append((_parse_key(name), host, int(pid)))
         return out
 
-    # ---- heartbeat -------------------------------------------------------------------------
-    def _start_heartbeat(self) -> None:
-        if self._beat is None:
-            self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
-            self._beat.start()
-
-    def _heartbeat(self) -> None:
-        interval = max(0.05, min(self.timeout / 4, 30.0))
-        while not self._stop.wait(interval):
-            with self._lock:
-                paths = list(self._held.values())
-            for p in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.utime(p)
-
-    def close(self) -> None:
-        self._stop.set()
-        for key in list(self._held):
-            self.release(key)
-        if self._beat is not None:
-            self._beat.join(timeout=5)
-            self._beat = None
-        self._stop = threading.Event()
+    def _refresh(self, key: Key) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._path(key))  # the heartbeat is the claim file's mtime
 
 
-class ObjectChunkClaims(ChunkClaims):
+class ObjectChunkClaims(_HeartbeatClaims):
     """Claims as objects in an object store (S3, GCS, ...; any fsspec location), for stores that
     machines without a shared filesystem fill together.
 
@@ -308,18 +324,10 @@ class ObjectChunkClaims(ChunkClaims):
     """
 
     def __init__(self, loc: object, prefix: str, timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
-        if timeout <= 0:
-            raise ValueError("claim timeout must be positive")
+        self._init_writer(timeout)
         self.loc: Any = loc
         self.prefix = prefix.rstrip("/")
-        self.timeout = float(timeout)
-        self.token = uuid.uuid4().hex
-        self.pid = os.getpid()
-        self._start = process_start(self.pid)
         self._held: set[Key] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
     def _rel(self, key: Key) -> str:
         return f"{self.prefix}/{key_name(key)}.claim"
@@ -372,9 +380,7 @@ class ObjectChunkClaims(ChunkClaims):
     def _hold(self, key: Key) -> None:
         with self._lock:
             self._held.add(key)
-        if self._beat is None:
-            self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
-            self._beat.start()
+        self._start_heartbeat()
 
     def release(self, key: Key) -> None:
         with self._lock:
@@ -418,21 +424,7 @@ class ObjectChunkClaims(ChunkClaims):
         raw = self.loc.read_bytes(f"{self.prefix}/shards")
         return int(raw) if raw and raw.strip().isdigit() else None
 
-    def _heartbeat(self) -> None:
-        interval = max(0.05, min(self.timeout / 4, 30.0))
-        while not self._stop.wait(interval):
-            with self._lock:
-                keys = list(self._held)
-            for key in keys:
-                found = self._read(key)
-                if found is not None and found[0].token == self.token:
-                    self.loc.write_bytes(self._rel(key), self._body())
-
-    def close(self) -> None:
-        self._stop.set()
-        for key in list(self._held):
-            self.release(key)
-        if self._beat is not None:
-            self._beat.join(timeout=5)
-            self._beat = None
-        self._stop = threading.Event()
+    def _refresh(self, key: Key) -> None:
+        found = self._read(key)
+        if found is not None and found[0].token == self.token:  # the heartbeat is the time in the claim
+            self.loc.write_bytes(self._rel(key), self._body())
