@@ -330,6 +330,12 @@ def test_each_mode_stores_every_channel_and_their_mean(plate_store, plate):
     np.testing.assert_allclose(run.channel_embeddings(1), l2_normalize(chans[:, 1]), atol=1e-6)
 
 
+def _chunk_files(store: Path, array: str) -> list[tuple[str, bytes]]:
+    """(relative path, bytes) of every chunk file of one array of the run, sorted."""
+    files = (p for p in (store / GROUP / array / "c").rglob("*") if p.is_file())
+    return sorted((p.relative_to(store).as_posix(), p.read_bytes()) for p in files)
+
+
 def test_each_mode_resumes_byte_identical_and_refuses_other_channels(plate_store, plate, tmp_path):
     store = tmp_path / "cut.zarr"
     seen = []
@@ -344,14 +350,7 @@ def test_each_mode_resumes_byte_identical_and_refuses_other_channels(plate_store
     report = api.extract(TINY, str(plate), store=store, **EACH)
     assert (report.chunks_skipped, report.chunks_written) == (1, 1)
     for array in ("channel_emb", "image_emb", "failure", "done"):
-        a, b = (
-            sorted(
-                (p.relative_to(s).as_posix(), p.read_bytes())
-                for p in (s / GROUP / array / "c").rglob("*")
-                if p.is_file()
-            )
-            for s in (store, plate_store)
-        )
+        a, b = (_chunk_files(s, array) for s in (store, plate_store))
         assert len(a) == 2 and a == b, array
     with pytest.raises(ProvenanceMismatchError, match="pixels"):
         api.extract(TINY, str(plate), store=store, **{**EACH, "channels": "DNA,Mito"})
@@ -436,14 +435,7 @@ def test_shards_and_worker_processes_handle_per_channel_runs(plate_store, plate,
     for i in (1, 0):  # either order
         api.extract(TINY, str(plate), store=store, shard=f"{i}/2", **EACH)
     for array in ("channel_emb", "image_emb", "failure", "done"):  # chunk files (done/zarr.json holds times)
-        a, b = (
-            sorted(
-                (p.relative_to(s).as_posix(), p.read_bytes())
-                for p in (s / GROUP / array / "c").rglob("*")
-                if p.is_file()
-            )
-            for s in (store, plate_store)
-        )
+        a, b = (_chunk_files(s, array) for s in (store, plate_store))
         assert a and a == b, array
     cfg = api.EvalConfig(heads=("knn", "proto"), folds=2, n_boot=0, ks=(1, 3))
     serial = api.evaluate(store, cfg, results_dir=tmp_path / "r1")
