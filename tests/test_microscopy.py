@@ -444,3 +444,37 @@ def test_shards_and_worker_processes_handle_per_channel_runs(plate_store, plate,
     cols = ["model", "task", "head", "metric", "stratum", "value", "unit"]
     a, b = (r.table[cols].sort_values(cols[:5]).reset_index(drop=True) for r in (serial, procs))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_features_in_each_mode_are_the_mean_of_the_channel_features(plate, tmp_path):
+    """--features with --channel-mode each: a row's pre-projection features are its channels' mean."""
+    from mubench_probe.encoders import load_encoder
+
+    api.extract(TINY, str(plate), store=tmp_path / "f.zarr", features=True, dtype="float32", **EACH)
+    (run,) = EmbeddingStore(tmp_path / "f.zarr").runs()
+    enc = load_encoder(TINY, device="cpu")
+    feats = run.features()
+    assert feats.shape == (8, enc.info.feature_dim)
+    for row, path in ((0, plate / "ctrl" / "w0.ome.tif"), (7, plate / "drug" / "w7.ome.tif")):
+        arr = tifffile.imread(path).max(axis=0)
+        images = [Image.fromarray(_rgb([_percentile(arr[c])] * 3)) for c in (0, 2, 4)]
+        _, ref = enc.encode_images(torch.stack([enc.transform(im) for im in images]), features=True)
+        np.testing.assert_allclose(feats[row], ref.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_interpolate_takes_the_pixel_options_of_extract(plate, plate_store, tmp_path):
+    """`probe interpolate` renders images as `probe extract` does: alpha 0 is the base model's run."""
+    import open_clip
+
+    from mubench_probe.encoders.interpolate import parse_interp
+
+    torch.manual_seed(2)
+    torch.save(open_clip.create_model("mubench-tiny-vit").state_dict(), tmp_path / "ft.pt")
+    store = tmp_path / "i.zarr"
+    api.interpolate(TINY, f"mubench-tiny-vit:{tmp_path / 'ft.pt'}", [0.0, 1.0], str(plate), store=store, **EACH)
+    runs = {parse_interp(r.model_spec).alpha: r for r in EmbeddingStore(store).runs()}
+    (base,) = EmbeddingStore(plate_store).runs()
+    assert runs[0.0].channel_labels == ["DNA", "2", "Mito"]
+    assert runs[0.0].provenance["pixels"] == base.provenance["pixels"]
+    np.testing.assert_array_equal(runs[0.0].group["channel_emb"][:], base.group["channel_emb"][:])
+    assert not np.array_equal(runs[1.0].group["channel_emb"][:], base.group["channel_emb"][:])
