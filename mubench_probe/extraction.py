@@ -233,6 +233,7 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
         "split": ds.split,
         "versions": package_versions(),
         "allocator": allocator.describe(),
+        "memory_format": str(encoder.memory_format).removeprefix("torch."),
     }
     feature_dim = (info.feature_dim or info.embed_dim) if config.features else None
     channels = spec.n_images if spec.channel_mode == "each" else 0

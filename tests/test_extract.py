@@ -182,6 +182,31 @@ def test_pre_projection_features_reproduce_the_embedding(tmp_path):
     np.testing.assert_allclose(run.features() @ proj, run.image_embeddings(normalize=False), atol=1e-5)
 
 
+def test_conv_nets_run_channels_last_with_the_same_embeddings(effnet_store, sample):
+    """Conv nets are run in channels_last (faster on CPU); a ViT keeps the default layout. The
+    embeddings agree with the default layout's to float32 rounding and the weights hash is unchanged."""
+    from mubench_probe.encoders.base import memory_format_for, weights_hash
+    from mubench_probe.extraction import ImageRows, input_shape
+
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    assert memory_format_for(convnet) == torch.channels_last
+    assert load_encoder(TINY, device="cpu").memory_format == torch.contiguous_format  # one patch conv
+    enc = load_encoder("efficientnet-lite0:imagenet", device="cpu")
+    (run,) = EmbeddingStore(effnet_store).runs()
+    assert enc.memory_format == torch.channels_last and run.provenance["memory_format"] == "channels_last"
+    rows = ImageRows(sample, enc.transform, get_policy("percentile"), input_shape(enc))
+    x = torch.stack([rows[i][1] for i in range(8)])
+    fast, _ = enc.encode_images(x)
+    hash_before = enc.info.weights_hash
+    enc.net.to(memory_format=torch.contiguous_format)
+    enc.memory_format = torch.contiguous_format
+    plain, _ = enc.encode_images(x)
+    assert weights_hash(enc.net) == hash_before
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+    stored = run.image_embeddings(normalize=False)[:8]  # float16
+    np.testing.assert_allclose(stored, plain, rtol=0, atol=2e-3 * np.abs(plain).max())
+
+
 def test_real_pretrained_encoder_separates_the_cell_classes(effnet_store):
     """5-fold logistic regression on stored EfficientNet-Lite0 embeddings (plain scikit-learn)."""
     from sklearn.linear_model import LogisticRegression

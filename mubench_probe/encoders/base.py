@@ -58,6 +58,17 @@ def weights_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def memory_format_for(module: torch.nn.Module) -> torch.memory_format:
+    """channels_last for convolutional networks, the default layout otherwise.
+
+    oneDNN's NHWC convolutions ran EfficientNet-Lite0 1.32x faster on a 2-core CPU (same float32
+    math, rounding-level differences; `benchmarks/forward_limit.py`); a ViT has one convolution
+    (its patch embedding) and gained nothing, so transformers keep the default layout.
+    """
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return torch.channels_last if convs > 1 else torch.contiguous_format
+
+
 @dataclass
 class EncoderInfo:
     """Provenance recorded in the store; two runs mix only if these agree."""
@@ -80,6 +91,7 @@ class Encoder(ABC):
     transform: Callable[[Any], torch.Tensor]
     device: torch.device
     precision: str = "fp32"
+    memory_format: torch.memory_format = torch.contiguous_format  # set by backends (memory_format_for)
 
     @property
     def has_text(self) -> bool:
@@ -97,7 +109,7 @@ class Encoder(ABC):
     def encode_images(self, x: torch.Tensor, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Embed a batch of preprocessed images; returns float32 arrays (not normalised)."""
         with torch.inference_mode(), self._autocast():
-            emb, feat = self._images(x.to(self.device, non_blocking=True), features)
+            emb, feat = self._images(x.to(self.device, non_blocking=True, memory_format=self.memory_format), features)
         out = emb.float().cpu().numpy()
         return out, (feat.float().cpu().numpy() if feat is not None else None)
 

@@ -11,7 +11,7 @@ import torch
 from torchvision import transforms as T
 
 from ..errors import ModelUnavailableError
-from .base import Encoder, EncoderInfo, weights_hash
+from .base import Encoder, EncoderInfo, memory_format_for, weights_hash
 
 
 def _tf(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
@@ -29,7 +29,8 @@ class _PooledEncoder(Encoder):
     """Shared tail: a module that maps images to pooled features, recorded as embeddings."""
 
     def _finish(self, spec: str, backend: str, net: torch.nn.Module, size: int) -> None:
-        self.net = net.eval().to(self.device)
+        self.memory_format = memory_format_for(net)
+        self.net = net.eval().to(self.device, memory_format=self.memory_format)
         with torch.inference_mode():
             dim = int(self._pool(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
         self.info = EncoderInfo(

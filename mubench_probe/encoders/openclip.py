@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelUnavailableError
-from .base import Encoder, EncoderInfo, weights_hash
+from .base import Encoder, EncoderInfo, memory_format_for, weights_hash
 
 RANDOM_SEED = 0
 _registered = False
@@ -107,7 +107,8 @@ class OpenClipEncoder(Encoder):
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"{_help(spec)} (tried {tried}: {first})") from exc
         model.eval()
-        self.model = model.to(device)
+        self.memory_format = memory_format_for(model.visual)
+        self.model = model.to(device, memory_format=self.memory_format)
         self.transform = preprocess
         self.tokenizer = tokenizer
         ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None)
