@@ -13,22 +13,20 @@ float32 numerics (MHA fast path on/off, channels_last memory format) next to one
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(__file__))
+from search_speed import median_time  # the same timing loop
 
 GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution"}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: first-touch page faults, thread pool start
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats)
 
 
 def main() -> None:
