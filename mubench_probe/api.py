@@ -20,11 +20,14 @@ import pandas as pd
 from .config import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PROBE_SELECT,
     DEFAULT_TEMPLATES,
     HEADS,
     PRESETS,
     EvalConfig,
     ExtractConfig,
+    TaskSpec,
+    read_task_file,
     read_templates,
 )
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_PROBE_SELECT",
     "DEFAULT_STORE",
     "HEADS",
     "MUBENCH_ID",
@@ -51,6 +55,7 @@ __all__ = [
     "PRESETS",
     "EvalConfig",
     "ExtractConfig",
+    "TaskSpec",
     "compare",
     "default_results_dir",
     "evaluate",
@@ -61,9 +66,11 @@ __all__ = [
     "list_backends",
     "list_dataset_formats",
     "list_open_clip_specs",
+    "list_tasks",
     "mubench_table1",
     "open_dataset",
     "open_store",
+    "read_task_file",
     "repair_store",
     "search",
     "store_info",
@@ -429,6 +436,20 @@ def evaluate(
         launcher=launcher,
         launch={"resources": resources, "address": address, "log_dir": log_dir, "cluster": cluster},
     )
+
+
+def list_tasks(
+    store: str | Path | EmbeddingStore = DEFAULT_STORE,
+    config: EvalConfig | None = None,
+    *,
+    models: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The tasks `evaluate` would score in this store (the config's user tasks, or the built-in ones):
+    name, label column, rows, classes, grouping, batch column and its values, protocol."""
+    from .evaluation import task_table
+
+    st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    return task_table(st, config or EvalConfig(), models)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .errors import ProbeError, StoreDamageError, UsageError
+from .errors import NothingToEvaluateError, ProbeError, StoreDamageError, UsageError
 from .launch import Resources
 
 app = typer.Typer(
@@ -436,6 +436,55 @@ def _fmt(cell: Any) -> str:
     return f"{value:.3f} [{short(lo)}, {short(hi)}]"
 
 
+LabelOpt = Annotated[
+    str | None,
+    typer.Option(help="Define a task: this metadata column holds the classes (the task is custom/NAME)."),
+]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        help="With --label: only rows with COLUMN=VALUE (repeatable; values of one column are alternatives) "
+        "and not COLUMN!=VALUE.",
+    ),
+]
+GroupOpt = Annotated[
+    str | None, typer.Option("--group", help="With --label: folds hold out whole values of this column.")
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="With --label: the task's name (default: the column).")]
+TasksFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tasks", help="YAML file of task definitions (label, where, group, protocol, train/test_where, heads)."
+    ),
+]
+BatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch",
+        help="Confounder column (plate, site, patient) for knn_nsb, the batch-effect index, mAP and loso "
+        "[dataset where present].",
+    ),
+]
+
+
+def _task_specs(
+    label: str | None, where: list[str] | None, group: str | None, name: str | None, tasks_file: Path | None
+) -> tuple[api.TaskSpec, ...]:
+    """--label/--where/--group/--name and --tasks as task definitions (empty: the built-in tasks)."""
+    if label is None and (where or group or name):
+        raise UsageError("--where, --group and --name define a task together with --label COLUMN")
+    specs = list(api.read_task_file(tasks_file)) if tasks_file else []
+    if label is not None:
+        specs.append(
+            api.TaskSpec.from_dict({"label": label, "name": name or label, "where": where or (), "group": group})
+        )
+    names = [t.name for t in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"task names must be unique ({', '.join(names)}): give --name")
+    return tuple(specs)
+
+
 @app.command()
 @friendly
 def evaluate(
@@ -524,6 +573,19 @@ def evaluate(
     address: AddressOpt = None,
     log_dir: LogDirOpt = None,
     submitit_cluster: ClusterOpt = "slurm",
+    label: LabelOpt = None,
+    where: WhereOpt = None,
+    group: GroupOpt = None,
+    name: NameOpt = None,
+    tasks_file: TasksFileOpt = None,
+    batch: BatchOpt = None,
+    probe_select: Annotated[
+        str,
+        typer.Option(help="How the probe's C is chosen on validation rows: accuracy, balanced_accuracy, log_loss."),
+    ] = api.DEFAULT_PROBE_SELECT,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print every note (run.json keeps them all).")
+    ] = False,
 ) -> None:
     """Score zero-shot, linear-probe, kNN and prototype heads from the store alone."""
     given = {
@@ -551,6 +613,9 @@ def evaluate(
         "knn_index": knn_index,
         "probe_backend": probe_backend,
         "device": device,
+        "probe_select": probe_select,
+        "batch": batch,
+        "tasks": _task_specs(label, where, group, name, tasks_file),
     }
     overrides = {**fixed, **{k: v for k, v in given.items() if v is not None}}
     cfg = api.EvalConfig.preset(preset, **overrides) if preset else api.EvalConfig(**overrides)
@@ -596,14 +661,80 @@ def evaluate(
             _print_wide(table)
     if fmt == "table":
         _table1(res.table)
-    for note in sorted(set(res.notes)):
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    nothing = res.scored == 0
+    for line in _note_lines(res, verbose or nothing):
+        err.print(f"note: {line}", highlight=False, soft_wrap=True, markup=False)
+    if nothing:
+        raise NothingToEvaluateError(
+            "nothing to evaluate: every selected task was skipped (the notes above say why); "
+            f"run.json in {results} records them"
+        )
     err.print(
         f"{res.computed} units computed, {res.skipped} already in {results}; "
         f"results.parquet, results.csv, predictions.parquet, run.json",
         highlight=False,
         soft_wrap=True,
     )
+
+
+GROUPED_NOTES = {  # kind -> how a group of such notes reads on the terminal (all of them stay in run.json);
+    # other kinds (excluded classes: which classes a score leaves out) are always printed in full
+    "probe_c_edge": "a probe chose an edge of the C grid",
+    "probe_folds": "how the probes' folds were made",
+    "missing_class": "a training fold lacks a class (its test rows count as errors)",
+    "skipped": "a head or task skipped",
+}
+
+
+def _note_lines(res: Any, verbose: bool, limit: int = 3) -> list[str]:
+    """Notes for the terminal: every one with --verbose; else kinds with more than `limit` notes
+    become one line with their count (C-grid edges also count the probe fits they came from)."""
+    pairs = sorted(set(zip(res.notes, res.note_kinds or ["other"] * len(res.notes), strict=False)))
+    if verbose:
+        return [n for n, _ in pairs]
+    by_kind: dict[str, list[str]] = {}
+    for n, k in pairs:
+        by_kind.setdefault(k, []).append(n)
+    lines = []
+    for kind, notes in by_kind.items():
+        if kind == "other" or kind not in GROUPED_NOTES or len(notes) <= limit:
+            lines += notes
+            continue
+        if kind == "probe_c_edge" and "metric" in res.table:
+            t = res.table[res.table["metric"] == "C_at_edge"]
+            edge = int((t["value"] > 0).sum())
+            lines.append(
+                f"a probe chose an edge of the C grid in {edge} of {len(t)} fits (widen --probe-cs): see run.json"
+            )
+        else:
+            lines.append(f"{len(notes)} notes: {GROUPED_NOTES[kind]}: see run.json (--verbose prints them)")
+    return lines
+
+
+@app.command(name="tasks")
+@friendly
+def list_tasks(
+    store: Annotated[str, typer.Argument(help="Zarr store: a directory or an fsspec URL (s3://...).")] = str(
+        api.DEFAULT_STORE
+    ),
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models' datasets.")] = None,
+    label: LabelOpt = None,
+    where: WhereOpt = None,
+    group: GroupOpt = None,
+    name: NameOpt = None,
+    tasks_file: TasksFileOpt = None,
+    batch: BatchOpt = None,
+    protocol: Annotated[str, typer.Option(help="kfold, split, transfer or loso (as for evaluate).")] = "kfold",
+    fmt: FormatOpt = "table",
+) -> None:
+    """The tasks a store supports: name, label column, rows, classes, grouping, batches, protocol."""
+    fmt = _check_format(fmt)
+    specs = _task_specs(label, where, group, name, tasks_file)
+    cfg = api.EvalConfig(tasks=specs, batch=batch, protocol=protocol) if protocol != "transfer" else None
+    if cfg is None:
+        raise UsageError("probe tasks lists tasks under kfold, split or loso; transfer conditions belong to evaluate")
+    table = api.list_tasks(store, cfg, models=model)
+    _emit(table.to_dict("records"), fmt, title=f"tasks in {store}")
 
 
 def _flat_summary(summ: Any) -> list[dict[str, Any]]:

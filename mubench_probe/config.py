@@ -23,6 +23,11 @@ DEFAULT_KS = (1, 5, 10, 20)
 TEMPERATURE = 0.07
 DEFAULT_CS = tuple(float(10.0**e) for e in (-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4))
 DEFAULT_PATIENCE = 2
+# How the probe's C is chosen on validation rows (heads/linear.py: validation_score). Accuracy
+# rewards the majority class when validation rows' class mix differs from training (held-out
+# sources, plates, patients); measured in benchmarks/probe_selection.py (README "Choosing C").
+PROBE_SELECTS = ("accuracy", "balanced_accuracy", "log_loss")
+DEFAULT_PROBE_SELECT = "balanced_accuracy"
 # With one example per class nothing can be held out. Measured on hard cone data
 # (benchmarks/evaluate_speed.py --one-shot), 1-shot accuracy is flat in C up to ~1, where the
 # strongly regularised solution is the centred class prototype, and falls slightly beyond.
@@ -30,9 +35,11 @@ FALLBACK_C = 0.1
 DEFAULT_BOOTSTRAP = 1000
 CI_METHODS = ("percentile", "basic")
 
-HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval")
+HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval", "batch", "map")
 PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
-PROTOCOLS = ("kfold", "split", "transfer")
+# kfold: stratified (grouped by the task's group column where it has one); split: the `split`
+# column; transfer: --train-where / --test-where; loso: leave one batch out (--batch).
+PROTOCOLS = ("kfold", "split", "transfer", "loso")
 TEMPLATE_CHOICES = ("both", "0", "1")
 # `pixel_size` is derived at evaluation from `microns_per_pixel` (power-of-two bins, see evaluation.py)
 STRATA = ("dataset", "domain", "subdomain", "modality", "submodality", "stain", "pixel_size")
@@ -84,14 +91,30 @@ def package_versions() -> dict[str, str]:
 
 
 def parse_where(conditions: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """COLUMN=VALUE conditions -> {column: values}; values of one column are alternatives."""
-    out: dict[str, tuple[str, ...]] = {}
+    """COLUMN=VALUE conditions -> {column: values}; values of one column are alternatives.
+
+    COLUMN!=VALUE conditions are exclusions and are keyed as `COLUMN!` (see `parse_conditions`)."""
+    include, exclude = parse_conditions(conditions)
+    return {**include, **{f"{c}!": v for c, v in exclude.items()}}
+
+
+def parse_conditions(conditions: Sequence[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """COLUMN=VALUE and COLUMN!=VALUE conditions -> (included values, excluded values) per column.
+
+    A row matches when, for every column, its value is one of that column's `=` values (they are
+    alternatives) and none of its `!=` values: `--where plate!=ctrl --where dataset=a --where dataset=b`.
+    """
+    include: dict[str, tuple[str, ...]] = {}
+    exclude: dict[str, tuple[str, ...]] = {}
     for cond in conditions:
-        col, sep, val = cond.partition("=")
+        col, sep, val = str(cond).partition("=")
+        target = include
+        if col.endswith("!"):
+            col, target = col[:-1], exclude
         if not sep or not col.strip():
-            raise UsageError(f"expected COLUMN=VALUE, not {cond!r}")
-        out[col.strip()] = (*out.get(col.strip(), ()), val.strip())
-    return out
+            raise UsageError(f"expected COLUMN=VALUE or COLUMN!=VALUE, not {cond!r}")
+        target[col.strip()] = (*target.get(col.strip(), ()), val.strip())
+    return include, exclude
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -196,6 +219,91 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> tuple
     if not out or bad:
         raise UsageError(f"{where}: every template needs a '{{}}' for the class name (bad: {bad[:3]})")
     return out
+
+
+TASK_KINDS = ("fine", "coarse", "custom")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as data: which rows, which label column, how folds are grouped, and how it is scored.
+
+    The built-in μ-Bench tasks are instances (`fine/<dataset>`: `label_name` where `dataset` is
+    that source; `coarse/<attribute>`: that attribute, folds grouped by `dataset`); `--label`
+    and `--tasks FILE.yaml` make others. `protocol`, `train_where`, `test_where` and `heads`
+    override the evaluation's settings for this task alone (None / empty: the evaluation's).
+    """
+
+    name: str
+    label: str
+    where: tuple[str, ...] = ()
+    group: str | None = None  # folds hold out whole values of this column (source, plate, patient)
+    protocol: str | None = None
+    train_where: tuple[str, ...] = ()
+    test_where: tuple[str, ...] = ()
+    heads: tuple[str, ...] | None = None
+    kind: str = "custom"
+
+    def __post_init__(self) -> None:
+        for name in ("where", "train_where", "test_where"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(str(v) for v in value))
+        if isinstance(self.heads, str):
+            object.__setattr__(self, "heads", (self.heads,))
+        elif self.heads is not None:
+            object.__setattr__(self, "heads", tuple(self.heads))
+        if not str(self.name).strip() or not str(self.label).strip():
+            raise UsageError("a task needs a name and a label column")
+        if self.kind not in TASK_KINDS:
+            raise UsageError(f"task kind must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise UsageError(f"task {self.name}: protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        bad = sorted(set(self.heads or ()) - set(HEADS))
+        if bad:
+            raise UsageError(f"task {self.name}: unknown head(s) {bad}; choose from {', '.join(HEADS)}")
+        parse_conditions((*self.where, *self.train_where, *self.test_where))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "task") -> TaskSpec:
+        """From a mapping (a YAML entry); unknown keys are a usage error naming the known ones."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{where}: each task must be a mapping with at least 'label', not {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+        if "label" not in data:
+            raise UsageError(f"{where}: a task needs 'label' (the metadata column holding the classes)")
+        values = dict(data)
+        values.setdefault("name", values["label"])
+        name = str(values["name"])
+        values["name"] = name if name.startswith(("custom/", "fine/", "coarse/")) else f"custom/{name}"
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def read_task_file(path: str | Path) -> tuple[TaskSpec, ...]:
+    """Task definitions from a YAML file: a list of mappings, or {tasks: [...]} (see TaskSpec)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"tasks file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"tasks file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and "tasks" in data:
+        data = data["tasks"]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"tasks file {p}: expected a list of tasks (or 'tasks:' with a list)")
+    specs = tuple(TaskSpec.from_dict(d, f"{p} task {i + 1}") for i, d in enumerate(data))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"tasks file {p}: task names must be unique ({', '.join(names)})")
+    return specs
 
 
 class _Config:
@@ -321,8 +429,22 @@ class EvalConfig(_Config):
     knn_index: str = "Flat"  # a FAISS factory[:params] for kNN candidates (exact re-scoring either way)
     probe_backend: str = "auto"  # the linear probe's solver: sklearn, torch, or auto (torch on a GPU)
     device: str = "auto"  # where the probe (torch) and FAISS indexes run: auto, cpu, cuda, cuda:1
+    probe_select: str = DEFAULT_PROBE_SELECT  # how the probe's C is chosen on validation rows
+    batch: str | None = None  # the confounder column (plate, site, patient); None: `dataset` where present
+    batch_k: int = 10  # neighbours of the batch-effect index
+    map_permutations: int = 1000  # permutation null of the phenotypic mAP
+    tasks: tuple[TaskSpec, ...] = ()  # user-defined tasks (--label / --tasks); empty: the built-in ones
 
     def __post_init__(self) -> None:
+        if self.probe_select not in PROBE_SELECTS:
+            raise UsageError(f"--probe-select must be one of {', '.join(PROBE_SELECTS)}, not {self.probe_select!r}")
+        if self.batch is not None and not str(self.batch).strip():
+            raise UsageError("--batch needs a metadata column name")
+        object.__setattr__(
+            self, "tasks", tuple(t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in self.tasks)
+        )
+        if self.batch_k < 1 or self.map_permutations < 1:
+            raise UsageError("the batch-effect k and the mAP permutations must be at least 1")
         if self.probe_backend not in PROBE_BACKENDS:
             raise UsageError(f"--probe-backend must be one of {', '.join(PROBE_BACKENDS)}, not {self.probe_backend!r}")
         if not self.knn_index.strip():
@@ -334,7 +456,7 @@ class EvalConfig(_Config):
             raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
         if (self.protocol == "transfer") != bool(self.train_where and self.test_where):
             raise UsageError("--protocol transfer needs --train-where and --test-where (and they need it)")
-        parse_where((*self.train_where, *self.test_where))
+        parse_conditions((*self.train_where, *self.test_where))
         for name in ("caption_templates", "fine_templates", "coarse_templates"):
             value = getattr(self, name)
             if value is not None and value not in TEMPLATE_CHOICES:
@@ -363,9 +485,16 @@ class EvalConfig(_Config):
         computed before these settings existed are still found."""
         d = self.as_dict()
         d.pop("device")
+        d.pop("tasks")  # each unit's key holds its own task's definition
         probes = {"lp", "fewshot"} & set(self.heads)
         d["probe_backend"] = resolve_backend(self.probe_backend, self.device) if probes else "sklearn"
-        for key, default in (("knn_index", "Flat"), ("probe_backend", "sklearn")):
+        for key, default in (
+            ("knn_index", "Flat"),
+            ("probe_backend", "sklearn"),
+            ("batch", None),
+            ("batch_k", 10),
+            ("map_permutations", 1000),
+        ):
             if d[key] == default:
                 d.pop(key)
         return d

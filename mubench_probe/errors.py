@@ -45,3 +45,9 @@ class CorruptChunkError(StoreDamageError):
 
 class NotApplicableError(ProbeError):
     """A head needs something this model or dataset does not have (e.g. text for an image-only model)."""
+
+
+class NothingToEvaluateError(ProbeError):
+    """Every task was skipped (or none matched): no number could be computed."""
+
+    exit_code = 3

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .config import TaskSpec
 from .errors import StoreError, UsageError
 from .heads.zeroshot import template_indices
 from .protocol import (
@@ -43,10 +44,11 @@ from .protocol import (
     evaluate_captions,
     evaluate_retrieval,
     evaluate_task,
+    task_config,
 )
 from .results import COLUMNS, PRED_COLUMNS, ResultsDir
 from .store import IDENTITY_KEYS, ChannelArrays, EmbeddingStore, Run, RunArrays
-from .tasks import derive_tasks, prompt_texts
+from .tasks import derive_tasks, prompt_texts, resolve_task
 
 
 def provenance_hash(run: Run) -> str:
@@ -81,6 +83,8 @@ class EvaluationResult:
     computed: int = 0
     skipped: int = 0
     results_dir: Path | None = None
+    note_kinds: list[str] = field(default_factory=list)  # one per note (protocol.NOTE_KINDS)
+    scored: int = 0  # result records of this evaluation's units (0: nothing could be evaluated)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class UnitSpec:
     key: str
     cfg: EvalConfig
     channel: str | None = None  # one channel's embeddings (a `--channel-mode each` run)
+    task: TaskSpec | None = None  # the task's definition (kind "task")
 
 
 _WORKER_ARRAYS: dict[tuple[str, str, str | None], RunArrays] = {}  # a worker's last run and its channel views
@@ -122,15 +127,19 @@ def compute_unit(spec: UnitSpec) -> tuple[str, Output, float]:
     arrays = _worker_arrays(spec)
     payload = None
     if spec.kind == "task":
-        task = next(t for t in derive_tasks(arrays.meta) if t.name == spec.task_name)
-        payload = (task, list(spec.templates))
+        if spec.task is None:
+            raise UsageError(f"unit {spec.task_name} has no task definition")
+        payload = (resolve_task(spec.task, arrays.meta), list(spec.templates))
     unit = Unit(arrays.run, spec.kind, spec.task_name, spec.key, payload, arrays, spec.channel)
     return spec.key, run_unit(unit, spec.cfg), time.perf_counter() - t0
 
 
 def _spec(store: EmbeddingStore, unit: Unit, cfg: EvalConfig) -> UnitSpec:
     templates = tuple(unit.payload[1]) if unit.kind == "task" else ()
-    return UnitSpec(str(store.path), unit.run.path, unit.kind, unit.task_name, templates, unit.key, cfg, unit.channel)
+    task = unit.payload[0].spec if unit.kind == "task" else None
+    return UnitSpec(
+        str(store.path), unit.run.path, unit.kind, unit.task_name, templates, unit.key, cfg, unit.channel, task
+    )
 
 
 def _elsewhere(
@@ -157,10 +166,19 @@ def _elsewhere(
         )
 
 
-def _unit_key(run: Run, name: str, cfg: EvalConfig, templates: Sequence[str], channel: str | None = None) -> str:
+def _unit_key(
+    run: Run,
+    name: str,
+    cfg: EvalConfig,
+    templates: Sequence[str],
+    channel: str | None = None,
+    task: TaskSpec | None = None,
+) -> str:
     parts: list[Any] = [provenance_hash(run), name, cfg.cache_dict(), list(templates)]
     if channel is not None:
         parts.append({"channel": channel})
+    if task is not None:
+        parts.append({"task": task.as_dict()})
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -199,16 +217,31 @@ def _task_arrays(
         try:
             idx = template_indices(texts, prompt_texts(task.classes, templates))
         except KeyError as exc:
+            if task.kind == "custom":  # a user's label column: its class prompts were never extracted
+                missing = f"the store has no class prompts for {task.column!r} (e.g. {exc.args[0]!r})"
+                return _arrays(task, rows, x, meta, None, templates, missing)
             raise StoreError(
                 f"the store has no text embedding for the prompt {exc.args[0]!r} of {task.name} "
                 f"({run.model_spec}). Run `probe extract --model {run.model_spec} "
                 f"--dataset {run.provenance.get('dataset_spec')} --templates YOUR_FILE` to add these prompts"
             ) from None
         prompt_emb = text_emb[idx]
+    return _arrays(task, rows, x, meta, prompt_emb, templates)
+
+
+def _arrays(task, rows, x, meta, prompt_emb, templates, prompt_note=None) -> TaskArrays:
+    keep = np.isin(task.rows, rows)
     every = len(rows) == len(x) and bool((rows == np.arange(len(x))).all())
     xs = x if every else x[rows]  # a task over every row shares the run's array (no copy)
     return TaskArrays(
-        task, rows, xs, task.y[keep], meta.iloc[rows].reset_index(drop=True), prompt_emb, tuple(templates)
+        task,
+        rows,
+        xs,
+        task.y[keep],
+        meta.iloc[rows].reset_index(drop=True),
+        prompt_emb,
+        tuple(templates),
+        prompt_note,
     )
 
 
@@ -251,8 +284,18 @@ def plan_units(
         tmpl = list(templates) if templates else list(run.prompts().get("templates", []))
         arrays = RunArrays(run)
         check_protocol(arrays.meta, cfg)
+        run_tasks = derive_tasks(arrays.meta, min_classes=1, specs=cfg.tasks or None)
+        for task in run_tasks:
+            if task.n_classes < 2:
+                if cfg.tasks:  # a user's task that selects too little is worth a word; built-in ones are not
+                    notes.append(f"{task.name}: skipped, {task.n_classes} class(es) in {len(task.rows)} matching rows")
+                continue
+            check_protocol(arrays.meta, task_config(cfg, task))
+        run_tasks = [t for t in run_tasks if t.n_classes >= 2]
         caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
-        if run.has_text and run.caption_keys():
+        if cfg.tasks:
+            caption_heads = set()  # user-defined tasks replace the built-in ones, the μ-Bench captions too
+        if run.has_text and run.caption_keys() and caption_heads:
             available.add("mubench")
         views: list[tuple[str | None, RunArrays]] = [(None, arrays)]
         views += [(label, ChannelArrays(arrays, k)) for k, label in enumerate(run.channel_labels)]
@@ -260,15 +303,57 @@ def plan_units(
             if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
                 key = _unit_key(run, "mubench", cfg, [], channel)
                 units.append(Unit(run, "captions", "mubench", key, arrays=view, channel=channel))
-            for task in derive_tasks(arrays.meta):
+            for task in run_tasks:
                 available.add(task.name)
                 if _wanted(task.name, tasks):
-                    key = _unit_key(run, task.name, cfg, tmpl, channel)
+                    key = _unit_key(run, task.name, cfg, tmpl, channel, task.spec)
                     units.append(Unit(run, "task", task.name, key, (task, tmpl), view, channel))
     unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
     if unmatched:
         raise UsageError(f"no task matches {unmatched}; tasks in {store.path}: {', '.join(sorted(available))}")
     return units, notes
+
+
+def task_table(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """The tasks a store supports under `cfg` (its user tasks, or the built-in ones), per dataset.
+
+    One row per (dataset, task): label column, rows, classes, the confounder (batch) column and its
+    number of values, how folds are grouped and the protocol. Read from the metadata of one
+    complete run per dataset (every model of a dataset shares its rows)."""
+    from .protocol import batch_column
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    runs = [r for r in store.runs() if r.complete and (not models or r.model_spec in models)]
+    if not runs:
+        raise StoreError(f"no complete run in {store.path} to list tasks from")
+    for run in runs:
+        dataset = run.path.split("/")[1]
+        if dataset in seen:
+            continue
+        seen.add(dataset)
+        meta = run.meta()
+        batch = batch_column(meta, cfg)
+        for task in derive_tasks(meta, min_classes=1, specs=cfg.tasks or None):
+            tcfg = task_config(cfg, task)
+            sub = meta.iloc[task.rows]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "task": task.name,
+                    "kind": task.kind,
+                    "label": task.column,
+                    "rows": len(task.rows),
+                    "classes": task.n_classes,
+                    "where": " ".join(task.spec.where) if task.spec else "",
+                    "group_by": task.group_by or "",
+                    "batch": batch or "",
+                    "batches": int(sub[batch].astype(str).nunique()) if batch else 0,
+                    "protocol": tcfg.protocol,
+                    "evaluated": task.n_classes >= 2,
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def _wanted(name: str, patterns: Sequence[str] | None) -> bool:
@@ -298,7 +383,7 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
 def _frame(out: Output, unit: Unit) -> tuple[pd.DataFrame, pd.DataFrame]:
     model = unit.model_name
     dataset = unit.run.path.split("/")[1]
-    table = pd.DataFrame(out.records)
+    table = pd.DataFrame(out.records) if out.records else pd.DataFrame(columns=COLUMNS)
     if len(table):
         table.insert(0, "model", model)
         table.insert(1, "dataset", dataset)
@@ -351,6 +436,7 @@ def evaluate_store(
         preds = preds[~preds["unit"].isin(redo)]
     t0 = time.perf_counter()
     notes: list[str] = list(plan_notes)
+    kinds: list[str] = ["skipped"] * len(plan_notes)
     timings: dict[str, float] = {}
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}",
@@ -367,12 +453,19 @@ def evaluate_store(
         table = pd.concat([table, t], ignore_index=True) if len(table) else t
         preds = pd.concat([preds, p], ignore_index=True) if len(preds) else p
         notes.extend(f"{unit.model_name}: {n}" for n in out.notes)
+        kinds.extend(out.kinds())
         timings[f"{unit.model_name} {unit.task_name}"] = round(seconds, 3)
         if rd:
             table, preds = rd.save(
                 table,
                 preds,
-                {**record, "notes": notes, "timings_s": timings, "elapsed_s": round(time.perf_counter() - t0, 3)},
+                {
+                    **record,
+                    "notes": notes,
+                    "note_kinds": kinds,
+                    "timings_s": timings,
+                    "elapsed_s": round(time.perf_counter() - t0, 3),
+                },
             )
         if progress:
             progress(unit, len(timings), len(todo))
@@ -390,12 +483,14 @@ def evaluate_store(
             {
                 **record,
                 "notes": notes,
+                "note_kinds": kinds,
                 "timings_s": timings,
                 "computed": len(todo),
                 "skipped": len(units) - len(todo),
                 "elapsed_s": round(time.perf_counter() - t0, 3),
             }
         )
+    mine = {u.key for u in units}
     return EvaluationResult(
         table.reset_index(drop=True),
         preds.reset_index(drop=True),
@@ -403,6 +498,8 @@ def evaluate_store(
         computed=len(todo),
         skipped=len(units) - len(todo),
         results_dir=rd.path if rd else None,
+        note_kinds=kinds,
+        scored=int(table["unit"].isin(mine).sum()) if len(table) else 0,
     )
 
 

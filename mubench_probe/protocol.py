@@ -26,33 +26,31 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from .config import PROBE_HEADS, EvalConfig, parse_where
+from .config import PROBE_HEADS, EvalConfig, parse_conditions
 from .errors import ProbeError, UsageError
 from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice, scoring
+from .heads.confounders import (
+    batch_effect_index,
+    expected_calibration_error,
+    knn_nsb_predict,
+    reliability_curve,
+    softmax_scores,
+)
 from .heads.metrics import (
     Estimate,
     classification_metrics,
     modality_gap,
     paired_difference,
 )
+from .heads.phenotypic import phenotypic_map
 from .heads.retrieval import caption_retrieval
 from .heads.scoring import view
-from .tasks import COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task
+from .tasks import COARSE_CAPTION_KEYS, FINE_CAPTION_KEYS, Task, where_mask
 
 # Errors a head raises on data it cannot handle (too few rows, degenerate classes, ...): they
 # become a note and a skipped head, never a traceback.
 HEAD_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, ProbeError)
 TRAIN_SPLITS = ("train", "val", "valid", "validation")
-
-
-def where_mask(meta: pd.DataFrame, conditions: Sequence[str]) -> np.ndarray:
-    """Rows matching every column's condition (any of its values). Unknown columns are a usage error."""
-    mask = np.ones(len(meta), dtype=bool)
-    for col, values in parse_where(conditions).items():
-        if col not in meta.columns:
-            raise UsageError(f"no metadata column {col!r} (have: {', '.join(map(str, meta.columns))})")
-        mask &= meta[col].astype(str).isin(values).to_numpy()
-    return mask
 
 
 @dataclass
@@ -66,6 +64,7 @@ class TaskArrays:
     meta: pd.DataFrame
     prompt_emb: np.ndarray | None = None  # (C, T, D) normalised class-prompt text embeddings
     templates: tuple[str, ...] = ()
+    prompt_note: str | None = None  # why there are no prompt embeddings, when the model has text
 
     def subset(self, keep: np.ndarray, classes: Sequence[int] | None = None) -> TaskArrays:
         """The rows in `keep` (bool mask), relabelled to `classes` (old indices, in order)."""
@@ -79,15 +78,37 @@ class TaskArrays:
         task = replace(self.task, rows=self.task.rows[keep], y=y, classes=tuple(self.task.classes[c] for c in classes))
         prompts = self.prompt_emb[classes] if self.prompt_emb is not None else None
         return TaskArrays(
-            task, self.rows[keep], self.x[keep], y, self.meta[keep].reset_index(drop=True), prompts, self.templates
+            task,
+            self.rows[keep],
+            self.x[keep],
+            y,
+            self.meta[keep].reset_index(drop=True),
+            prompts,
+            self.templates,
+            self.prompt_note,
         )
+
+
+NOTE_KINDS = ("probe_c_edge", "probe_folds", "missing_class", "excluded_classes", "skipped", "other")
 
 
 @dataclass
 class Output:
+    """What a unit produced: long-format records, predictions, and notes with their kind
+    (`note_kinds[i]` is one of NOTE_KINDS: the terminal groups frequent kinds, run.json keeps all)."""
+
     records: list[dict] = field(default_factory=list)
     predictions: list[pd.DataFrame] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    note_kinds: list[str] = field(default_factory=list)
+
+    def note(self, text: str, kind: str = "other") -> None:
+        self.notes.append(text)
+        self.note_kinds.append(kind)
+
+    def kinds(self) -> list[str]:
+        """One kind per note (notes added to `notes` directly are "other")."""
+        return self.note_kinds + ["other"] * (len(self.notes) - len(self.note_kinds))
 
     def add(
         self,
@@ -133,6 +154,7 @@ class Output:
     def extend(self, other: Output) -> None:
         self.records += other.records
         self.predictions += other.predictions
+        self.note_kinds = self.kinds() + other.kinds()
         self.notes += other.notes
 
 
@@ -154,11 +176,38 @@ class TaskPlan:
     folds: Folds
     how: str
     notes: list[str] = field(default_factory=list)
-    grouped: bool = False  # folds hold out whole source datasets
+    grouped: bool = False  # folds hold out whole values of the task's group column
+    batch: str | None = None  # loso: the column whose values are the folds
+
+
+def task_config(cfg: EvalConfig, task: Task | None) -> EvalConfig:
+    """The evaluation settings for one task: its own protocol, train/test conditions and heads win."""
+    spec = task.spec if task is not None else None
+    if spec is None or (spec.protocol is None and spec.heads is None and not spec.train_where):
+        return cfg
+    changes: dict = {}
+    if spec.protocol is not None:
+        changes["protocol"] = spec.protocol
+        if spec.protocol != "transfer":
+            changes.update(train_where=(), test_where=())
+    if spec.train_where or spec.test_where:
+        changes.update(train_where=spec.train_where, test_where=spec.test_where)
+    if spec.heads is not None:
+        changes["heads"] = spec.heads
+    return cfg.replace(**changes)
+
+
+def batch_column(meta: pd.DataFrame, cfg: EvalConfig) -> str | None:
+    """The confounder column: --batch when given (it must exist), else `dataset` where present."""
+    if cfg.batch is not None:
+        if cfg.batch not in meta.columns:
+            raise UsageError(f"--batch: no metadata column {cfg.batch!r} (have: {', '.join(map(str, meta.columns))})")
+        return cfg.batch
+    return "dataset" if "dataset" in meta.columns else None
 
 
 def test_mask(meta: pd.DataFrame, cfg: EvalConfig) -> np.ndarray | None:
-    """The rows a protocol tests on (None = all rows, k-fold); used for the μ-Bench caption unit too."""
+    """The rows a protocol tests on (None = all rows, k-fold / loso); used for the μ-Bench caption unit too."""
     if cfg.protocol == "split":
         if "split" not in meta.columns:
             raise UsageError("--protocol split needs a 'split' column in the dataset")
@@ -175,19 +224,22 @@ def train_mask(meta: pd.DataFrame, cfg: EvalConfig) -> np.ndarray:
 
 
 def check_protocol(meta: pd.DataFrame, cfg: EvalConfig) -> None:
-    """Refuse, before any work, train/test conditions that select nothing or overlap."""
-    if cfg.protocol == "kfold":
+    """Refuse, before any work, train/test conditions that select nothing or overlap, and a missing --batch."""
+    if cfg.protocol == "loso" or cfg.batch is not None:
+        batch_column(meta, cfg)
+    if cfg.protocol in ("kfold", "loso"):
         return
     test = test_mask(meta, cfg)
-    assert test is not None
+    if test is None:
+        raise UsageError(f"--protocol {cfg.protocol} has no test rows")
     train = train_mask(meta, cfg)
     for side, mask, conds in (("train", train, cfg.train_where), ("test", test, cfg.test_where)):
         if not mask.any():
             if cfg.protocol == "split":
                 values = sorted(meta["split"].astype(str).unique())
                 raise UsageError(f"--protocol split: no {side} rows (the 'split' column has {values})")
-            cols = parse_where(conds)
-            have = {c: sorted(meta[c].astype(str).unique())[:12] for c in cols}
+            include, exclude = parse_conditions(conds)
+            have = {c: sorted(meta[c].astype(str).unique())[:12] for c in (*include, *exclude)}
             raise UsageError(f"--{side}-where {' '.join(conds)} matches no row (values present: {have})")
     if (train & test).any():
         raise UsageError(f"{int((train & test).sum())} rows match both the train and the test conditions")
@@ -198,21 +250,31 @@ def _class_note(t: TaskArrays, classes: Sequence[int], keep: np.ndarray, why: st
     return f"{t.task.name}: {len(names)} class(es) excluded ({why}): {', '.join(names)} ({int(keep.sum())} rows)"
 
 
-def _sources(t: TaskArrays) -> np.ndarray | None:
-    return t.meta["dataset"].astype(str).to_numpy() if "dataset" in t.meta else None
+def _groups(t: TaskArrays) -> np.ndarray | None:
+    """The values of the task's grouping column (source, plate, patient), or None (stratified)."""
+    col = t.task.group_by
+    return t.meta[col].astype(str).to_numpy() if col is not None and col in t.meta else None
 
 
 def plan_task(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
     """Which rows and classes of the task each protocol scores, and the probes' folds."""
     if cfg.protocol == "kfold":
         return _plan_kfold(t, cfg)
+    if cfg.protocol == "loso":
+        return _plan_loso(t, cfg)
     train, test = train_mask(t.meta, cfg), test_mask(t.meta, cfg)
-    assert test is not None  # not k-fold
+    if test is None:
+        raise UsageError(f"--protocol {cfg.protocol} has no test rows")
     shared = [c for c in range(t.task.n_classes) if (t.y[train] == c).any() and (t.y[test] == c).any()]
     how = "the dataset's own train/test split" if cfg.protocol == "split" else "train and test rows chosen by --*-where"
     sides = train | test
     if len(shared) < 2:
-        skip = f"{t.task.name}: skipped, fewer than two of its classes are on both the train and the test side"
+        on = [int(train.sum()), int(test.sum())]
+        skip = (
+            f"{t.task.name}: skipped, fewer than two of its classes are on both the train and the test side "
+            f"({on[0]} train rows, {on[1]} test rows; classes there: "
+            f"{sorted({t.task.classes[c] for c in t.y[train]})} / {sorted({t.task.classes[c] for c in t.y[test]})})"
+        )
         return TaskPlan(t.subset(np.zeros(len(t.y), dtype=bool)), np.zeros(0, np.int64), [], how, [skip])
     notes = []
     lost = [c for c in range(t.task.n_classes) if c not in shared and (t.y[sides] == c).any()]
@@ -221,20 +283,35 @@ def plan_task(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
     sub = t.subset(sides, shared)
     kept = np.isin(t.y[sides], shared)
     train, test = train[sides][kept], test[sides][kept]
-    if t.task.group == "coarse" and (src := _sources(sub)) is not None:
+    if (src := _groups(sub)) is not None:
         common = sorted(set(src[train]) & set(src[test]))
         if common:
             notes.append(
-                f"{t.task.name}: train and test share source datasets ({', '.join(common)}): a probe may "
-                "recognise the source rather than the attribute"
+                f"{t.task.name}: train and test share {t.task.group_by} values ({', '.join(common[:10])}): a probe "
+                f"may recognise the {t.task.group_by} rather than the {t.task.column}"
             )
     return TaskPlan(sub, np.flatnonzero(test), [(np.flatnonzero(train), np.flatnonzero(test))], how, notes)
 
 
+def _plan_loso(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
+    """Leave one batch out: one fold per batch value, trained on every other batch."""
+    col = batch_column(t.meta, cfg)
+    everyone = np.arange(len(t.y))
+    if col is None:
+        return TaskPlan(t, everyone, [], "no batch column for --protocol loso (use --batch COLUMN)")
+    batches = t.meta[col].astype(str).to_numpy()
+    names = sorted(set(batches))
+    if len(names) < 3:
+        return TaskPlan(t, everyone, [], f"leave-one-{col}-out needs at least 3 values of {col} ({len(names)} here)")
+    folds = [(np.flatnonzero(batches != b), np.flatnonzero(batches == b)) for b in names]
+    return TaskPlan(t, everyone, folds, f"leave-one-{col}-out ({len(names)} folds)", batch=col)
+
+
 def _plan_kfold(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
     everyone = np.arange(len(t.y))
-    src = _sources(t)
-    if t.task.group != "coarse" or src is None:
+    src = _groups(t)
+    col = t.task.group_by
+    if src is None:
         k = min(cfg.folds, len(t.y))
         counts = np.bincount(t.y, minlength=t.task.n_classes)
         small = [t.task.classes[c] for c in np.flatnonzero((counts > 0) & (counts < k))]
@@ -244,28 +321,29 @@ def _plan_kfold(t: TaskArrays, cfg: EvalConfig) -> TaskPlan:
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
         return TaskPlan(t, everyone, list(splitter.split(t.x, t.y)), f"stratified {k}-fold, seed {cfg.seed}", notes)
     if len(set(src)) < 2:
-        return TaskPlan(
-            t, everyone, [], "one source dataset only: the attribute equals dataset identity (trivial for a probe)"
-        )
+        what = "source dataset" if col == "dataset" else f"value of {col}"
+        return TaskPlan(t, everyone, [], f"one {what} only: the label equals {col} identity (trivial for a probe)")
     n_sources = np.array([len(set(src[t.y == c])) for c in range(t.task.n_classes)])
     multi = [c for c in range(t.task.n_classes) if n_sources[c] >= 2]
     single = [c for c in range(t.task.n_classes) if n_sources[c] == 1]
     if len(multi) < 2:
-        return TaskPlan(t, everyone, [], "no two classes occur in two or more source datasets")
+        return TaskPlan(t, everyone, [], f"no two classes occur in two or more values of {col}")
     notes = []
     if single:
         by_source = {c: src[t.y == c][0] for c in single}
         detail = ", ".join(
             f"{t.task.classes[c]} (only in {by_source[c]}, {int((t.y == c).sum())} rows)" for c in single
         )
-        notes.append(f"{t.task.name}: classes in a single source dataset excluded: {detail}")
+        what = "source dataset" if col == "dataset" else f"value of {col}"
+        notes.append(f"{t.task.name}: classes in a single {what} excluded: {detail}")
     sub = t.subset(np.ones(len(t.y), dtype=bool), multi)
-    groups = _sources(sub)
-    assert groups is not None
+    groups = _groups(sub)
+    if groups is None:
+        raise UsageError(f"{t.task.name}: no grouping column {col!r}")
     k = min(cfg.folds, len(set(groups)))
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
     folds = list(splitter.split(sub.x, sub.y, groups))
-    how = f"{k}-fold grouped by dataset (lp validates C on held-out datasets where it can)"
+    how = f"{k}-fold grouped by {col} (lp validates C on held-out {col} values where it can)"
     return TaskPlan(sub, np.arange(len(sub.y)), folds, how, notes, grouped=True)
 
 
@@ -331,7 +409,7 @@ def _guarded(out: Output, name: str, head: str, fn: Callable[[], None]) -> None:
     try:
         fn()
     except HEAD_ERRORS as exc:
-        out.notes.append(f"{name}: {head} skipped ({type(exc).__name__}: {exc})")
+        out.note(f"{name}: {head} skipped ({type(exc).__name__}: {exc})", "skipped")
 
 
 def _missing_class_notes(t: TaskArrays, folds: Folds) -> list[str]:
@@ -348,28 +426,50 @@ def _missing_class_notes(t: TaskArrays, folds: Folds) -> list[str]:
     return notes
 
 
+def _plan_note_kind(text: str) -> str:
+    if "excluded" in text:
+        return "excluded_classes"
+    return "skipped" if "skipped" in text else "other"
+
+
 def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
-    """Every requested head on one task, plus the alignment measures between them."""
+    """Every requested head on one task, plus the alignment and confounder measures between them.
+
+    The task's own protocol and heads (a TaskSpec's overrides) replace the evaluation's here."""
+    cfg = task_config(cfg, t.task)
     out = Output()
     plan = plan_task(t, cfg)
-    out.notes += plan.notes
+    for n in plan.notes:
+        out.note(n, _plan_note_kind(n))
     t, test, folds = plan.arrays, plan.test, plan.folds
     name = t.task.name
     if len(test) == 0:
         if not plan.notes:
-            out.notes.append(f"{name}: no rows to test under --protocol {cfg.protocol}")
+            out.note(f"{name}: no rows to test under --protocol {cfg.protocol}", "skipped")
         return out
     correct: dict[str, np.ndarray] = {}
 
     if "zs_prompt" in cfg.heads:
         if t.prompt_emb is None:
-            out.notes.append(f"{name}: zs_prompt not applicable (image-only model)")
+            out.note(f"{name}: zs_prompt not applicable ({t.prompt_note or 'image-only model'})", "skipped")
         else:
             _guarded(out, name, "zs_prompt", lambda: _zero_shot(out, t, test, cfg, correct))
 
+    batch = plan.batch or batch_column(t.meta, cfg)
+    batches = t.meta[batch].astype(str).to_numpy() if batch is not None else None
+    many_batches = batches is not None and len(set(batches)) >= 2
+    if "batch" in cfg.heads and many_batches:
+        _guarded(out, name, "batch", lambda: _batch_effect(out, t, batches, batch, cfg))
+    if "map" in cfg.heads and many_batches:
+        _guarded(out, name, "map", lambda: _phenotypic_map(out, t, batches, batch, cfg))
+
     if PROBE_HEADS & set(cfg.heads):
-        out.notes.append(f"{name}: probes use {plan.how}" if folds else f"{name}: probes skipped ({plan.how})")
-        out.notes += _missing_class_notes(t, folds)
+        if folds:
+            out.note(f"{name}: probes use {plan.how}", "probe_folds")
+        else:
+            out.note(f"{name}: probes skipped ({plan.how})", "skipped")
+        for n in _missing_class_notes(t, folds):
+            out.note(n, "missing_class")
     if not folds:
         return out
 
@@ -389,7 +489,8 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
 
         _guarded(out, name, "proto", proto)
     if "knn" in cfg.heads:
-        _guarded(out, name, "knn", lambda: _knn(out, t, folds, test, cfg))
+        nsb = batches if many_batches and not plan.grouped and plan.batch is None else None
+        _guarded(out, name, "knn", lambda: _knn(out, t, folds, test, cfg, nsb))
     if "fewshot" in cfg.heads:
         _guarded(out, name, "fewshot", lambda: _few_shot(out, t, folds, cfg))
 
@@ -402,15 +503,73 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
                 out.add(name, "alignment", label, d["difference"])
                 if other == "lp":
                     out.add(name, "alignment", "zs_over_lp", d["ratio"])
+    if plan.batch is not None and batches is not None:
+        _per_batch(out, t, batches, plan.batch, cfg)
     return out
+
+
+def _per_batch(out: Output, t: TaskArrays, batches: np.ndarray, col: str, cfg: EvalConfig) -> None:
+    """Leave-one-batch-out: each head's accuracy on every held-out batch, and their mean."""
+    name = t.task.name
+    position = {int(r): i for i, r in enumerate(t.rows)}
+    for frame in [f for f in out.predictions if len(f) and f["task"].iloc[0] == name]:
+        head = str(frame["head"].iloc[0])
+        b = batches[[position[int(r)] for r in frame["row"]]]
+        right = (frame["y_true"].to_numpy() == frame["y_pred"].to_numpy()).astype(float)
+        accs = []
+        for value in sorted(set(b)):
+            m = b == value
+            out.add(name, head, "accuracy", float(right[m].mean()), stratum=f"loso:{col}={value}", n=int(m.sum()))
+            accs.append(float(right[m].mean()))
+        out.add(name, head, "loso_mean_accuracy", float(np.mean(accs)), n=len(accs))
+
+
+def _calibration(out: Output, name: str, head: str, proba: np.ndarray, y: np.ndarray, cfg: EvalConfig) -> None:
+    """Expected calibration error (15 bins, bootstrap CI) and the reliability curve behind it."""
+    out.add(name, head, "ece", expected_calibration_error(proba, y, CALIBRATION_BINS, cfg.n_boot, cfg.seed))
+    for _, r in reliability_curve(proba, y, CALIBRATION_BINS).iterrows():
+        stratum, n = f"bin={int(r['bin']):02d}", int(r["count"])
+        out.add(name, head, "calibration_confidence", float(r["confidence"]), stratum=stratum, n=n)
+        out.add(name, head, "calibration_accuracy", float(r["accuracy"]), stratum=stratum, n=n)
+
+
+def _batch_effect(out: Output, t: TaskArrays, batches: np.ndarray, col: str, cfg: EvalConfig) -> None:
+    """Over each row's k nearest neighbours: share of the same class vs of the same batch, and
+    PathoROB's robustness index (same class from another batch vs other class from the same batch)."""
+    k = min(cfg.batch_k, len(t.y) - 1)
+    if k < 1:
+        return
+    for metric, est in batch_effect_index(t.x, t.y, batches, k, cfg.n_boot, cfg.seed).items():
+        out.add(t.task.name, "batch", f"{metric}@{k}", est, stratum=f"batch={col}")
+
+
+def _phenotypic_map(out: Output, t: TaskArrays, batches: np.ndarray, col: str, cfg: EvalConfig) -> None:
+    """copairs' phenotypic retrieval mAP per class (positives: same class in another batch), with a
+    permutation null and Benjamini-Hochberg q-values."""
+    name = t.task.name
+    table = phenotypic_map(t.x, t.y, batches, n_perm=cfg.map_permutations, seed=cfg.seed)
+    for _, r in table.iterrows():
+        cls = f"class={t.task.classes[int(r['class'])]}"
+        n = int(r["n_queries"])
+        out.add(name, "map", "mAP", float(r["mean_average_precision"]), stratum=cls, n=n)
+        out.add(name, "map", "p_value", float(r["p_value"]), stratum=cls, n=n)
+        out.add(name, "map", "q_value", float(r["q_value"]), stratum=cls, n=n)
+    scored = table[table["n_queries"] > 0]
+    if len(scored):
+        n = int(scored["n_queries"].sum())
+        out.add(name, "map", "mAP", float(scored["mean_average_precision"].mean()), stratum=f"batch={col}", n=n)
+        out.add(name, "map", "fraction_q<0.05", float((scored["q_value"] < 0.05).mean()), stratum=f"batch={col}", n=n)
 
 
 def _zero_shot(out: Output, t: TaskArrays, test: np.ndarray, cfg: EvalConfig, correct: dict) -> None:
     name, x = t.task.name, _rows(t.x, test)
     assert t.prompt_emb is not None
     pred = np.full(len(t.y), -1, dtype=np.int64)
-    pred[test] = PromptZeroShot.from_templates(t.prompt_emb).predict(x)
+    head = PromptZeroShot.from_templates(t.prompt_emb)
+    sims = head.similarities(x)
+    pred[test] = sims.argmax(axis=1)  # ties: the lower class, as `predict`
     _report(out, t, "zs_prompt", test, pred[test], cfg)
+    _calibration(out, name, "zs_prompt", softmax_scores(sims), t.y[test], cfg)
     correct["zs"] = pred == t.y
     accs = []
     for j, tmpl in enumerate(t.templates):
@@ -428,10 +587,11 @@ def _zero_shot(out: Output, t: TaskArrays, test: np.ndarray, cfg: EvalConfig, co
 def _probe_record(
     out: Output, name: str, head: str, probe: LinearProbe, n: int, stratum: str, seed: int | None
 ) -> None:
-    """The chosen C and the validation curve behind it (a probe sitting on a plateau shows here)."""
+    """The chosen C, whether it is an edge of the grid, and the validation curve behind it."""
     out.add(name, head, "chosen_C", probe.C_, stratum=stratum, seed=seed, n=n)
+    out.add(name, head, "C_at_edge", float(probe.at_edge_), stratum=stratum, seed=seed, n=n)
     for c, score in probe.val_curve_:
-        out.add(name, head, "val_accuracy", score, stratum=f"{stratum};C={c:g}", seed=seed, n=n)
+        out.add(name, head, f"val_{probe.select}", score, stratum=f"{stratum};C={c:g}", seed=seed, n=n)
 
 
 def _edge_note(name: str, head: str, probes: list[tuple[str, LinearProbe]], cs: Sequence[float]) -> list[str]:
@@ -446,63 +606,101 @@ def _edge_note(name: str, head: str, probes: list[tuple[str, LinearProbe]], cs: 
     return notes
 
 
+def _probe(cfg: EvalConfig, **kw) -> LinearProbe:
+    """A linear probe with the evaluation's C grid, stopping rule, selection criterion and solver."""
+    settings = dict(
+        Cs=cfg.cs,
+        patience=cfg.patience,
+        random_state=cfg.seed,
+        fallback_C=cfg.fallback_c,
+        backend=cfg.probe_backend,
+        device=cfg.device,
+        select=cfg.probe_select,
+    )
+    return LinearProbe(**{**settings, **kw})
+
+
 def _linear_probe(
     out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig, correct: dict, grouped: bool = False
 ) -> None:
-    """Out-of-fold probe; with `grouped` folds, C is also validated on held-out source datasets."""
+    """Out-of-fold probe; with `grouped` folds, C is also validated on held-out groups (sources, plates)."""
     name = t.task.name
     pred = np.full(len(t.y), -1, dtype=np.int64)
+    proba = np.zeros((len(t.y), t.task.n_classes))
     probes = []
-    groups = _sources(t) if grouped else None
+    groups = _groups(t) if grouped else None
     for i, (train, te) in enumerate(folds):
-        probe = LinearProbe(
-            Cs=cfg.cs,
-            patience=cfg.patience,
-            random_state=cfg.seed,
-            fallback_C=cfg.fallback_c,
-            backend=cfg.probe_backend,
-            device=cfg.device,
-        )
+        probe = _probe(cfg)
         probe.fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
         for block in _blocks(te, t.x.shape[1]):
             pred[block] = probe.predict(t.x[block])
+            proba[np.ix_(block, probe.classes_)] = probe.predict_proba(t.x[block])
         _probe_record(out, name, "lp", probe, len(train), f"fold={i}", None)
         probes.append((f"fold {i}", probe))
         if len(probe.classes_) < 2:
-            out.notes.append(f"{name}: lp fold {i} has one training class: it predicts that class")
+            out.note(f"{name}: lp fold {i} has one training class: it predicts that class", "other")
     _report(out, t, "lp", test, pred[test], cfg)
+    _calibration(out, name, "lp", proba[test], t.y[test], cfg)
     correct["lp"] = pred == t.y
-    out.notes += _edge_note(name, "lp", probes, cfg.cs)
+    for n in _edge_note(name, "lp", probes, cfg.cs):
+        out.note(n, "probe_c_edge")
     in_source = [label for label, p in probes if groups is not None and p.validation_ == "stratified"]
     if in_source:
-        out.notes.append(
-            f"{name}: lp validated C on a stratified split of the training sources in {', '.join(in_source)} "
-            "(too few source datasets per class to hold some out)"
+        out.note(
+            f"{name}: lp validated C on a stratified split of the training {t.task.group_by} values in "
+            f"{', '.join(in_source)} (too few {t.task.group_by} values per class to hold some out)",
+            "probe_folds",
         )
 
 
 RECALL_QUERIES = 1000  # test rows per fold on which an approximate kNN index is checked against exact search
+CALIBRATION_BINS = 15
 
 
-def _knn(out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig) -> None:
-    """Out-of-fold kNN; with an approximate --knn-index, its recall@10 against exact search too."""
+def _knn(
+    out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig, batches: np.ndarray | None = None
+) -> None:
+    """Out-of-fold kNN; with `batches`, also kNN whose neighbours never share the query's batch
+    (`knn_nsb@k`, "not same batch"); with an approximate --knn-index, its recall@10 against exact search."""
     preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
+    nsb = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks} if batches is not None else {}
     recalls, asked = [], 0
     device = None if cfg.device == "auto" else cfg.device
     for i, (train, te) in enumerate(folds):
         knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes, index=cfg.knn_index, device=device, seed=cfg.seed)
-        knn.fit(view(t.x, train), t.y[train])
+        gallery = view(t.x, train)
+        knn.fit(gallery, t.y[train])
         for block in _blocks(te, t.x.shape[1]):
             for k, p in knn.predict_all(t.x[block]).items():
                 preds[k][block] = p
+            if batches is not None:
+                found = knn_nsb_predict(
+                    gallery,
+                    t.y[train],
+                    batches[train],
+                    t.x[block],
+                    batches[block],
+                    cfg.ks,
+                    t.task.n_classes,
+                    cfg.temperature,
+                )
+                for k, p in found.items():
+                    nsb[k][block] = p
         if cfg.knn_index != "Flat":
             rng = np.random.default_rng(cfg.seed + i)
             sample = np.sort(rng.choice(te, size=min(RECALL_QUERIES, len(te)), replace=False))
             recalls.append(knn.recall(t.x[sample], 10))
             asked += len(sample)
         del knn  # this fold's index (a copy of its gallery) goes before the next fold's is built
+    main_k = cfg.ks[min(2, len(cfg.ks) - 1)]
     for k, p in preds.items():
-        _report(out, t, f"knn@{k}", test, p[test], cfg, strata=k == cfg.ks[min(2, len(cfg.ks) - 1)])
+        _report(out, t, f"knn@{k}", test, p[test], cfg, strata=k == main_k)
+    for k, p in nsb.items():
+        _report(out, t, f"knn_nsb@{k}", test, p[test], cfg, strata=False)
+        d = paired_difference(
+            preds[k][test] == t.y[test], p[test] == t.y[test], cfg.n_boot, cfg.seed, ci_method=cfg.ci_method
+        )
+        out.add(t.task.name, "batch", f"knn_minus_nsb@{k}", d["difference"])
     if recalls:
         out.add(
             t.task.name, "knn", "index_recall@10", float(np.mean(recalls)), stratum=f"index={cfg.knn_index}", n=asked
@@ -519,17 +717,9 @@ def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None
             train, test = folds[s % len(folds)]
             idx = few_shot_indices(t.y, train, shots, seed=cfg.seed * 1000 + s)
             if idx is None:
-                out.notes.append(f"{name}: {shots}-shot skipped (a class has fewer than {shots} training rows)")
+                out.note(f"{name}: {shots}-shot skipped (a class has fewer than {shots} training rows)", "skipped")
                 break
-            probe = LinearProbe(
-                Cs=cfg.cs,
-                patience=cfg.patience,
-                val_fraction=0.5,
-                random_state=s,
-                fallback_C=cfg.fallback_c,
-                backend=cfg.probe_backend,
-                device=cfg.device,
-            ).fit(t.x[idx], t.y[idx])
+            probe = _probe(cfg, val_fraction=0.5, random_state=s).fit(t.x[idx], t.y[idx])
             probes.append((f"seed {s}", probe))
             _probe_record(out, name, f"lp_{shots}shot", probe, len(idx), "all", s)
             for head, model in (("lp", probe), ("proto", PrototypeHead(t.task.n_classes).fit(t.x[idx], t.y[idx]))):
@@ -555,7 +745,8 @@ def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None
                     }
                 )
         if shots > 1:
-            out.notes += _edge_note(name, f"lp_{shots}shot", probes, cfg.cs)
+            for n in _edge_note(name, f"lp_{shots}shot", probes, cfg.cs):
+                out.note(n, "probe_c_edge")
 
 
 # ---- μ-Bench caption protocol ----------------------------------------------------------------------
@@ -594,10 +785,10 @@ def evaluate_captions(
         excluded = cfg.excluded_for(group)
         if excluded and datasets_col is not None:
             keep &= ~np.isin(datasets_col, excluded)
-        pooled, per_key = [], []
+        pooled, per_key, probs, answers = [], [], [], []
         for key in keys:
             options, answer = captions[key]
-            ok, chosen, right = caption_choice(image_emb, text_emb, options, answer)
+            ok, chosen, right, sims = caption_choice(image_emb, text_emb, options, answer, scores=True)
             rows = np.flatnonzero(ok & keep)
             if rows.size == 0:
                 continue
@@ -610,10 +801,15 @@ def evaluate_captions(
                     m = datasets_col[rows] == d
                     out.add(task, "zs_caption", "accuracy", _binary(right[rows][m], cfg), stratum=f"dataset={d}")
             pooled.append(right[rows])
+            probs.append(softmax_scores(sims[rows]))
+            answers.append(answer[rows])
             per_key.append(est.value)
         if not pooled:
             continue
         task = f"mubench/{group}"
+        width = max(p.shape[1] for p in probs)  # keys differ in their number of options: pad with 0
+        proba = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in probs])
+        _calibration(out, task, "zs_caption", proba, np.concatenate(answers), cfg)
         if cfg.pooling == "macro":
             out.add(task, "zs_caption", "accuracy", float(np.mean(per_key)), n=int(sum(len(p) for p in pooled)))
             continue

@@ -225,6 +225,7 @@ def build_report(
             matrix_plot(result.text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
         ),
         ("Weight interpolation: accuracy vs alpha", alpha_curve(table, figdir / "alpha_curve.png")),
+        ("Calibration: reliability diagrams", reliability_diagram(table, figdir / "reliability.png")),
     ]
     for i, (model, x) in enumerate(embeddings.items()):
         for column in color_by:
@@ -331,6 +332,75 @@ def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"weight interpolation: {_short(pts['parents'].iloc[0])}", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+CALIBRATION_HEADS = {"lp": "linear probe", "zs_prompt": "zero-shot (prompts)", "zs_caption": "zero-shot (captions)"}
+
+
+def reliability_diagram(table: pd.DataFrame, path: Path) -> Path | None:
+    """Reliability diagrams (Guo et al. 2017): accuracy vs confidence per bin, one panel per head.
+
+    From the long table's `calibration_accuracy` / `calibration_confidence` rows (stratum `bin=NN`,
+    n = rows in the bin): each model's line pools its tasks bin by bin, weighting by count; its
+    label gives its mean ECE over tasks. A calibrated head lies on the diagonal. None without
+    calibration rows.
+    """
+    t = table[table["metric"].isin(["calibration_accuracy", "calibration_confidence"])]
+    t = t[t["stratum"].astype(str).str.startswith("bin=")]
+    if "seed" in t and t["seed"].isna().any():
+        t = t[t["seed"].isna()]  # the main results, not per-seed repeats
+    if t.empty:
+        return None
+    keys = ["model", "dataset", "task", "head", "stratum"]
+    wide = t.pivot_table(index=keys, columns="metric", values=["value", "n"], aggfunc="first").dropna()
+    if wide.empty:
+        return None
+    pts = pd.DataFrame(
+        {
+            "accuracy": wide[("value", "calibration_accuracy")].to_numpy(dtype=float),
+            "confidence": wide[("value", "calibration_confidence")].to_numpy(dtype=float),
+            "count": wide[("n", "calibration_accuracy")].to_numpy(dtype=float),
+        },
+        index=wide.index,
+    ).reset_index()
+    pts["bin"] = pts["stratum"].str.slice(4).astype(int)
+    pts = pts[pts["count"] > 0]
+    for c in ("accuracy", "confidence"):
+        pts[c] = pts[c] * pts["count"]
+    pooled = pts.groupby(["head", "model", "bin"])[["accuracy", "confidence", "count"]].sum().reset_index()
+    for c in ("accuracy", "confidence"):
+        pooled[c] = pooled[c] / pooled["count"]
+    ece = table[(table["metric"] == "ece") & (table["stratum"] == "all")]
+    if "seed" in ece and ece["seed"].isna().any():
+        ece = ece[ece["seed"].isna()]
+    ece = ece.groupby(["head", "model"])["value"].mean()
+    heads = [h for h in CALIBRATION_HEADS if h in set(pooled["head"])]
+    heads += sorted(set(pooled["head"]) - set(heads))
+    models = sorted(pooled["model"].unique())
+    colours = dict(zip(models, palette(len(models)), strict=True))
+    plt = _plt()
+    fig, axes = _grid(plt, len(heads), (3.6, 3.4))
+    for ax, head in zip(axes, heads, strict=True):
+        ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="calibrated")
+        for model in models:
+            g = pooled[(pooled["head"] == head) & (pooled["model"] == model)].sort_values("bin")
+            if g.empty:
+                continue
+            e = ece.get((head, model), np.nan)
+            label = _short(model) + (f" (ECE {e:.3f})" if e == e else "")
+            ax.plot(g["confidence"], g["accuracy"], "-o", ms=3, color=colours[model], label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_title(CALIBRATION_HEADS.get(head, head), fontsize=9)
+        ax.set_xlabel("confidence (max probability)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.legend(fontsize=6, loc="upper left", frameon=False)
+    fig.suptitle("Reliability: accuracy vs confidence per bin (pooled over tasks)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

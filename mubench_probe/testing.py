@@ -212,7 +212,7 @@ def multi_source_store(
         texts: dict[str, np.ndarray] = {}
         for task in derive_tasks(meta):
             for cls, row in zip(task.classes, prompt_texts(task.classes, templates), strict=True):
-                key = f"label={cls}" if task.group == "fine" else f"{task.column}={cls}"
+                key = f"label={cls}" if task.kind == "fine" else f"{task.column}={cls}"
                 for t in row:
                     texts.setdefault(t, text_vec(key))
         captions = _captions(meta, labels_per_source, texts, text_vec)

@@ -107,7 +107,7 @@ def test_mubench_caption_protocol_pools_and_skips_nulls():
     meta = pd.DataFrame({"dataset": ["a", "a", "b", "b"], "image_id": ["x", "x", "x", "y"]})
     out = evaluate_captions(img, text, caps, meta, np.ones(4, bool), EvalConfig(n_boot=0))
     t = pd.DataFrame(out.records)
-    acc = t.set_index(["task", "stratum"])["value"]
+    acc = t[t.metric == "accuracy"].set_index(["task", "stratum"])["value"]
     assert acc[("mubench/modality", "all")] == 0.5  # rows 0, 1 right; row 2 picks text 2, row 3 text 0: wrong
     assert acc[("mubench/classification_0", "all")] == 1.0 and t[t.task == "mubench/classification_0"].n.iloc[0] == 3
     assert acc[("mubench/coarse", "all")] == 0.5 and acc[("mubench/fine", "all")] == 1.0
@@ -115,7 +115,8 @@ def test_mubench_caption_protocol_pools_and_skips_nulls():
     first_only = evaluate_captions(img, text, caps, meta, np.ones(4, bool), EvalConfig(n_boot=0, caption_templates="1"))
     assert not [r for r in first_only.records if r["task"] == "mubench/modality"]
     excluded = evaluate_captions(img, text, caps, meta, np.ones(4, bool), EvalConfig(n_boot=0, exclude_datasets=("b",)))
-    assert pd.DataFrame(excluded.records).set_index(["task", "stratum"])["value"][("mubench/coarse", "all")] == 1.0
+    ex = pd.DataFrame(excluded.records)
+    assert ex[ex.metric == "accuracy"].set_index(["task", "stratum"])["value"][("mubench/coarse", "all")] == 1.0
 
 
 def test_sample_end_to_end_real_encoder_beats_random(tiny_store, effnet_store, tmp_path):

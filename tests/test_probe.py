@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 
+from mubench_probe.config import DEFAULT_PROBE_SELECT
 from mubench_probe.heads.linear import DEFAULT_CS, LinearProbe, serial_optimizer_blas, validation_split
 from mubench_probe.testing import hard_embeddings
 
@@ -24,7 +26,8 @@ HARD = {
 
 
 def exhaustive_sweep(x, y, val_fraction=0.2, seed=0, center=False):
-    """Every C of the grid fitted from scratch by plain scikit-learn on the raw features, tightly converged.
+    """Every C of the grid fitted from scratch by plain scikit-learn on the raw features, tightly converged,
+    C chosen by the probe's default criterion (balanced accuracy, scikit-learn's own metric).
 
     float64 (scikit-learn keeps float32 input in float32), and scipy's BLAS on one thread, which
     changes nothing but the time (see `serial_optimizer_blas`). `center` subtracts the mean: the
@@ -41,13 +44,14 @@ def exhaustive_sweep(x, y, val_fraction=0.2, seed=0, center=False):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in DEFAULT_CS:
             m = LogisticRegression(C=c, tol=1e-8, max_iter=20000).fit(x[tr], y[tr])
-            curve.append(float((m.predict(x[va]) == y[va]).mean()))
+            curve.append(float(balanced_accuracy_score(y[va], m.predict(x[va]))))
         best = DEFAULT_CS[int(np.argmax(curve))]  # argmax: ties go to the smaller C
         return best, curve, LogisticRegression(C=best, tol=1e-8, max_iter=20000).fit(x, y)
 
 
 @pytest.mark.parametrize("name", list(HARD))
 def test_probe_matches_an_exhaustive_sweep_on_hard_data(name):
+    assert DEFAULT_PROBE_SELECT == "balanced_accuracy"  # the reference below selects C the same way
     x, y = hard_embeddings(**HARD[name])
     test = np.arange(len(y)) % 4 == 0
     best, curve, ref = exhaustive_sweep(x[~test], y[~test])

@@ -75,7 +75,7 @@ def test_kfold_on_several_sources_scores_every_head_on_the_same_rows(kfold, mult
     # chosen C and the validation curve are in the results, per fold
     chosen = t[(t.metric == "chosen_C") & (t.task == "fine/histo_a") & (t["head"] == "lp") & (t.model == "synthetic:a")]
     assert sorted(chosen.stratum) == [f"fold={i}" for i in range(5)]
-    curve = t[(t.metric == "val_accuracy") & (t.task == "fine/histo_a") & t.stratum.str.startswith("fold=0;")]
+    curve = t[(t.metric == "val_balanced_accuracy") & (t.task == "fine/histo_a") & t.stratum.str.startswith("fold=0;")]
     assert len(curve) >= 3 and curve.stratum.iloc[0] == "fold=0;C=0.01"
 
 

@@ -10,7 +10,8 @@ How C is chosen, and why:
   improved for a few steps stops right there, at the smallest C, with a chance-level probe.
   Here the sweep stops only after the score has *risen above its starting value and then
   fallen* below the best for `patience` consecutive steps; a flat start or a plateau never
-  stops it. The chosen C is the best validation accuracy, ties going to the smaller C (the
+  stops it. The chosen C has the best validation score (`select`: balanced accuracy by default,
+  see `validation_score`), ties going to the smaller C (the
   same rule as an exhaustive sweep over the grid).
 - The final model is refit on train + validation with the chosen C, warm-started.
 - The objective is scikit-learn's LogisticRegression (lbfgs) objective, to the letter: mean
@@ -54,7 +55,7 @@ from scipy.special import log_expit, logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..config import DEFAULT_CS, DEFAULT_PATIENCE, FALLBACK_C, resolve_backend
+from ..config import DEFAULT_CS, DEFAULT_PATIENCE, DEFAULT_PROBE_SELECT, FALLBACK_C, resolve_backend
 from . import scoring
 from .scoring import RowView, validate_fit
 
@@ -324,8 +325,31 @@ def torch_device(device: str | None) -> str:
     return str(device)
 
 
+SELECTION_CRITERIA = ("accuracy", "balanced_accuracy", "log_loss")
+
+
+def validation_score(criterion: str, y: np.ndarray, pred: np.ndarray, log_proba: np.ndarray | None = None) -> float:
+    """How good a C's validation predictions are (higher is better) under `criterion`.
+
+    accuracy rewards the majority class whenever validation rows' class mix differs from the
+    training rows' (held-out sources, plates, patients): a strongly regularised probe that
+    predicts one class then wins. balanced_accuracy (mean recall over the classes present in
+    validation) gives that probe 1/classes; log_loss (negated, so higher is better) scores the
+    probabilities of the true classes.
+    """
+    if criterion == "accuracy":
+        return float((pred == y).mean())
+    if criterion == "balanced_accuracy":
+        return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+    if criterion == "log_loss":
+        if log_proba is None:
+            raise ValueError("log_loss selection needs class log-probabilities")
+        return float(log_proba[np.arange(len(y)), y].mean())
+    raise ValueError(f"unknown selection criterion {criterion!r}; choose from {', '.join(SELECTION_CRITERIA)}")
+
+
 def choose_c(curve: list[tuple[float, float]]) -> float:
-    """Best validation accuracy; ties go to the smaller C (the grid is swept in increasing order)."""
+    """Best validation score; ties go to the smaller C (the grid is swept in increasing order)."""
     best = max(score for _, score in curve)
     return next(c for c, score in curve if score == best)
 
@@ -342,7 +366,7 @@ def should_stop(scores: list[float], patience: int) -> bool:
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Estimator: `fit(X, y)` picks C on a stratified validation split, then refits on all of X.
 
-    Fitted attributes: `C_`, `val_curve_` (list of (C, validation accuracy) in sweep order),
+    Fitted attributes: `C_`, `val_curve_` (list of (C, validation score under `select`) in sweep order),
     `validation_` ("stratified", "held-out groups" or "none"), `at_edge_` (the chosen C is the
     first or last of the grid on a curve that is not flat: widen the grid), `classes_`, `coef_`,
     `intercept_`, `n_iter_`. One class in `y` gives a constant predictor (`C_` is NaN).
@@ -360,6 +384,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         fallback_C: float = FALLBACK_C,
         backend: str = "sklearn",
         device: str | None = None,
+        select: str = DEFAULT_PROBE_SELECT,
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -371,6 +396,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.fallback_C = fallback_C
         self.backend = backend
         self.device = device
+        self.select = select
 
     def fit(self, X: np.ndarray | RowView, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
         """Choose C and fit; with `groups`, C is validated on held-out groups (see grouped_validation_split).
@@ -481,7 +507,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         z_tr, z_va = z[tr], z[va]  # once for the whole sweep (the torch backend moves them once)
         for c in self.Cs:
             fit = self._solve(z_tr, y_tr, c, fit)  # warm start from the previous C
-            scores.append(float((seen[fit.predict(z_va)] == y[va]).mean()))
+            scores.append(self._score(fit, z_va, y[va], seen))
             self.val_curve_.append((float(c), scores[-1]))
             if scores[-1] > max(scores[:-1], default=-1.0):
                 best = fit
@@ -492,6 +518,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.at_edge_ = not flat and len(self.Cs) > 1 and self.C_ in (self.Cs[0], self.Cs[-1])
         # refit on train + validation, warm-started from the chosen fit where it has every class
         return self._solve(z, y, self.C_, best if len(seen) == len(self.classes_) else None)
+
+    def _score(self, fit: _Fit, z_va: np.ndarray | BlockZ, y_va: np.ndarray, seen: np.ndarray) -> float:
+        """The validation score of one C under `select` (the labels of `y_va` are all in `seen`)."""
+        d = fit.decision(z_va)
+        if self.select != "log_loss":
+            pred = seen[(d[:, 0] > 0).astype(np.int64) if d.shape[1] == 1 else d.argmax(axis=1)]
+            return validation_score(self.select, y_va, pred)
+        if d.shape[1] == 1:
+            log_proba = np.stack([log_expit(-d[:, 0]), log_expit(d[:, 0])], axis=1)
+        else:
+            log_proba = d - logsumexp(d, axis=1, keepdims=True)
+        idx = np.searchsorted(seen, y_va)  # columns are the training classes
+        return validation_score("log_loss", idx, idx, log_proba)
 
     def _input(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)

@@ -18,12 +18,13 @@ from .scoring import BLOCK_ROWS, RowView, exact_pairs, exact_scores, grid, valid
 
 
 def caption_choice(
-    image_emb: np.ndarray, text_emb: np.ndarray, options: np.ndarray, answer: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image_emb: np.ndarray, text_emb: np.ndarray, options: np.ndarray, answer: np.ndarray, scores: bool = False
+) -> tuple[np.ndarray, ...]:
     """μ-Bench protocol: each image picks the most similar of its own caption options.
 
     options (N, K) holds indices into text_emb with -1 padding; answer (N,) is the correct
-    option's position (-1 = null entry, excluded). Returns (valid mask, chosen position, correct).
+    option's position (-1 = null entry, excluded). Returns (valid mask, chosen position, correct),
+    and with `scores` also each row's option similarities (N, K), -inf for padding and invalid rows.
     Scores are exact (`scoring`), so options with identical embeddings (e.g. captions that differ
     only after the tokenizer's context length) tie on every machine; ties go to the first option.
     """
@@ -33,13 +34,16 @@ def caption_choice(
     chosen = np.full(len(answer), -1, dtype=np.int64)
     rows = np.flatnonzero(valid)
     si, st = grid(image_emb), grid(text_emb)
+    all_sims = np.full(options.shape, -np.inf) if scores else None
     for s in range(0, len(rows), BLOCK_ROWS):
         part = rows[s : s + BLOCK_ROWS]
         opts = options[part]
-        sims = exact_pairs(image_emb[part], text_emb[np.maximum(opts, 0)], si, st)
-        chosen[part] = np.where(opts >= 0, sims, -np.inf).argmax(axis=1)
+        sims = np.where(opts >= 0, exact_pairs(image_emb[part], text_emb[np.maximum(opts, 0)], si, st), -np.inf)
+        chosen[part] = sims.argmax(axis=1)
+        if all_sims is not None:
+            all_sims[part] = sims
     correct = valid & (chosen == answer)
-    return valid, chosen, correct
+    return (valid, chosen, correct, all_sims) if all_sims is not None else (valid, chosen, correct)
 
 
 def ensemble_weights(class_template_emb: np.ndarray) -> np.ndarray:
