@@ -458,7 +458,7 @@ TasksFileOpt = Annotated[
         "--tasks", help="YAML file of task definitions (label, where, group, protocol, train/test_where, heads)."
     ),
 ]
-BatchOpt = Annotated[
+ConfounderOpt = Annotated[
     str | None,
     typer.Option(
         "--batch",
@@ -578,7 +578,7 @@ def evaluate(
     group: GroupOpt = None,
     name: NameOpt = None,
     tasks_file: TasksFileOpt = None,
-    batch: BatchOpt = None,
+    batch: ConfounderOpt = None,
     probe_select: Annotated[
         str,
         typer.Option(help="How the probe's C is chosen on validation rows: accuracy, balanced_accuracy, log_loss."),
@@ -723,7 +723,7 @@ def list_tasks(
     group: GroupOpt = None,
     name: NameOpt = None,
     tasks_file: TasksFileOpt = None,
-    batch: BatchOpt = None,
+    batch: ConfounderOpt = None,
     protocol: Annotated[str, typer.Option(help="kfold, split, transfer or loso (as for evaluate).")] = "kfold",
     fmt: FormatOpt = "table",
 ) -> None:

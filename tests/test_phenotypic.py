@@ -12,7 +12,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from mubench_probe.heads.phenotypic import _random_subsets, benjamini_hochberg, null_ap, phenotypic_map
+from mubench_probe.heads.phenotypic import (
+    _ap,
+    _ap_matrix,
+    _random_subsets,
+    benjamini_hochberg,
+    null_ap,
+    phenotypic_map,
+)
 from mubench_probe.heads.scoring import exact_scores
 
 
@@ -79,12 +86,11 @@ def tie_reference_map(x, labels, batches) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def hard():
     x, labels, batches = hard_data()
-    return x, labels, batches, phenotypic_map(x, labels, batches, n_perm=200)
+    return x, labels, batches, phenotypic_map(x, labels, batches, n_perm=200), reference_map(x, labels, batches)
 
 
 def test_matches_sklearn_reference_on_hard_data(hard):
-    x, labels, batches, df = hard
-    ref = reference_map(x, labels, batches)
+    _, labels, _, df, ref = hard
     assert df["class"].tolist() == sorted(ref)
     for row in df.itertuples():
         m, nq, ne = ref[row[1]]
@@ -103,15 +109,16 @@ def test_matches_sklearn_reference_on_hard_data(hard):
 
 def test_positives_are_other_batches_only(hard):
     """Counting same-batch same-label rows as positives rewards the batch effect: the result must differ."""
-    x, labels, batches, df = hard
+    _, labels, _, df, ref = hard
     naive = reference_map(x, labels, batches, naive=True)
     ours = df.set_index("class")["mean_average_precision"]
-    gaps = [naive[c][0] - ours[c] for c in range(7)]
-    assert min(gaps) > 0.05  # with a strong batch effect, same-plate positives rank far higher
+    for c in range(7):
+        assert abs(ours[c] - ref[c][0]) < 1e-12
+        assert naive[c][0] - ours[c] > 0.05  # with a strong batch effect, same-plate positives rank far higher
 
 
 def test_block_size_and_batch_id_type_change_nothing(hard):
-    x, labels, batches, df = hard
+    x, labels, batches, df, _ = hard
     pd.testing.assert_frame_equal(df, phenotypic_map(x, labels, batches, n_perm=200, block_rows=7), check_exact=True)
     codes = pd.factorize(batches)[0] * 10 + 3  # the same batches under other ids
     pd.testing.assert_frame_equal(df, phenotypic_map(x, labels, codes, n_perm=200, block_rows=1), check_exact=True)
@@ -148,8 +155,11 @@ def test_duplicated_rows_give_the_same_result_in_any_order():
 def test_strong_signal_has_the_smallest_p_value():
     rng = np.random.default_rng(4)
     labels, batches = rng.integers(0, 5, 300), rng.integers(0, 3, 300)
-    x = snap(4.0 * rng.standard_normal((5, 16))[labels] + 0.5 * rng.standard_normal((3, 16))[batches]
-             + rng.standard_normal((300, 16)))
+    x = snap(
+        4.0 * rng.standard_normal((5, 16))[labels]
+        + 0.5 * rng.standard_normal((3, 16))[batches]
+        + rng.standard_normal((300, 16))
+    )
     df = phenotypic_map(x, labels, batches, n_perm=300)
     assert (df["mean_average_precision"] > 0.9).all()
     assert (df["p_value"] == 1 / 301).all()
@@ -184,6 +194,9 @@ def test_null_is_a_uniformly_random_ranking(n_pos, total):
         assert abs(c - expected) < 5 * np.sqrt(expected)  # five standard deviations
     sub = _random_subsets(np.random.default_rng(0), 300, 40, 100)
     assert (np.diff(sub, axis=1) > 0).all() and sub.min() >= 0 and sub.max() < 100
+    # the null's AP and the observed AP are bitwise one formula (a tie between them counts as >=)
+    rank = sub + 1
+    assert np.array_equal(_ap_matrix(rank), _ap(np.repeat(np.arange(300), 40), rank.ravel(), np.full(300, 40)))
 
 
 def test_benjamini_hochberg():

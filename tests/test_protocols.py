@@ -303,3 +303,21 @@ def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
     assert (figures / "map_0_dataset.png").exists() and (figures / "map_1_dataset.png").exists()
     r = runner.invoke(app, ["compare", str(tmp_path / "r"), "--color-by", "colour"])
     assert r.exit_code == 2 and "no such metadata column" in r.output
+
+
+def test_loso_and_confounder_measures_on_several_sources(multi, tmp_path):
+    """Leave one source out on every coarse task spanning >= 3 sources; batch measures per task."""
+    cfg = FAST.replace(protocol="loso", heads=("proto", "lp", "knn", "batch", "map"), map_permutations=50)
+    res = api.evaluate(multi, cfg, models=["synthetic:a"], tasks=["coarse/*"], results_dir=tmp_path / "r")
+    t = res.table
+    meta = EmbeddingStore(multi).runs()[0].meta()
+    for task in ("coarse/domain", "coarse/modality"):
+        per = t[(t.task == task) & (t["head"] == "proto") & t.stratum.str.startswith("loso:dataset=")]
+        assert len(per) == meta.dataset.nunique(), task  # one held-out accuracy per source
+        mean = t[(t.task == task) & (t["head"] == "proto") & (t.metric == "loso_mean_accuracy")]
+        assert mean.value.iloc[0] == pytest.approx(per.value.mean())
+        ri = t[(t.task == task) & (t["head"] == "batch") & (t.metric == "robustness_index@10")]
+        assert len(ri) == 1 and 0 <= ri.value.iloc[0] <= 1
+        assert len(t[(t.task == task) & (t["head"] == "map") & (t.metric == "q_value")]) >= 2
+    # loso folds hold each source out whole: no knn_nsb (the neighbours are never from the query's source)
+    assert not t["head"].str.startswith("knn_nsb").any()

@@ -28,7 +28,8 @@ from .scoring import grid, quantize
 
 BLOCK_BYTES = 1 << 27  # one block of float64 scores: 128 MB (the block's temporaries add about as much again)
 NULL_CELLS = 1 << 21  # random ranks drawn at a time for the null (16 MB of int64 at most)
-SENTINEL = 2.0**51 + 1  # odd ("not a positive") and above every key: |score| < 2^48.02 on the grid, |key| < 2^50
+KEY_BITS = 51  # |score| < 2^48.01 on the grid: score + 2^50 fits in 51 bits, a row number above it
+CHUNK_CELLS = 1 << 20  # scores ranked at a time by one thread (about 8 MB per temporary)
 
 __all__ = ["benjamini_hochberg", "phenotypic_map"]
 
@@ -145,73 +146,104 @@ def query_ap(
     scale = grid(x)
     qx = quantize(x, scale)  # exact integers: every score below is exact, whatever the BLAS
     block = block_rows or max(1, BLOCK_BYTES // (8 * n))
+    chunk = max(1, min(4096, CHUNK_CELLS // n))  # < 2^12 rows: a row number fits above KEY_BITS
     workers = _cores()
     with ThreadPoolExecutor(workers) as pool:
         for s in range(0, len(todo), block):
             rows = todo[s : s + block]
             scores = qx[rows] @ qx.T  # (B, n), in place from here on
-            parts = np.array_split(np.arange(len(rows)), min(workers, len(rows)))
-            jobs = [pool.submit(_rank_block, scores[p[0] : p[-1] + 1], rows[p], lab, group, n_pos) for p in parts]
+            parts = [slice(a, a + chunk) for a in range(0, len(rows), chunk)]
+            jobs = [pool.submit(_rank_rows, scores[p], rows[p], lab, group, n_pos) for p in parts]
             for p, job in zip(parts, jobs, strict=True):
                 ap[rows[p]] = job.result()
-            del scores
-            tied = rows[np.isnan(ap[rows])]
-            if len(tied):  # a positive and a negative with the same score: rank those rows by (score, row)
-                ap[tied] = _exact_ap(qx[tied] @ qx.T, tied, lab, group)
+            del scores, jobs
     return ap, n_pos, total
 
 
 def _cores() -> int:
-    """Threads for ranking (numpy's sort and ufuncs release the GIL): the cores this process may use, at most 8."""
+    """Threads for ranking (numpy's array operations release the GIL): the cores this process may use, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cores))
 
 
-def _rank_block(keys: np.ndarray, rows: np.ndarray, lab: np.ndarray, group: np.ndarray, n_pos: np.ndarray):
-    """AP of the queries `rows` from their exact scores (overwritten); NaN where a tie needs `_exact_ap`.
+def _rank_rows(s: np.ndarray, rows: np.ndarray, lab: np.ndarray, group: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+    """AP of the queries `rows` from their exact scores `s` (R, n), which are overwritten.
 
-    Each score becomes a sort key -2 * score + (1 if negative), left-out rows the odd SENTINEL, so one
-    in-place value sort (no argsort, no gather) ranks the row and the key's parity says which entries are
-    positives. Sorting by value alone puts positives before negatives of equal score; where that happens
-    the order by row index may differ, and the row is left NaN for the exact path.
+    Only the positives' ranks matter, so nothing sorts a whole row. Each row's candidates fall into n
+    equal-width buckets of the score (monotone: a lower bucket always ranks strictly higher), a bincount
+    gives the negatives ahead of each bucket, and only the positives and the negatives that share a
+    bucket with one (a few per positive) are sorted exactly, by (-score, row index). Ties are thus
+    broken by index everywhere, without a special path.
     """
-    same = lab == lab[rows, None]
-    np.multiply(keys, -2.0, out=keys)
-    np.add(keys, ~same, out=keys)
-    del same
-    np.copyto(keys, SENTINEL, where=group == group[rows, None])
-    keys.sort(axis=1)
-    is_pos = np.empty(keys.shape, dtype=bool)
-    step = max(1, (1 << 16) // keys.shape[1])  # parity via int64 in cache-sized pieces (np.fmod is 10x slower)
-    for i in range(0, len(keys), step):
-        np.equal(keys[i : i + step].astype(np.int64) & 1, 0, out=is_pos[i : i + step])
-    r, c = np.nonzero(is_pos)  # positives, row by row in rank order
-    del is_pos
-    ap = _ap(r, c + 1, n_pos[rows])
-    nxt = np.minimum(c + 1, keys.shape[1] - 1)
-    tie = (keys[r, nxt] == keys[r, c] + 1.0) & (c + 1 < keys.shape[1])
-    ap[r[tie]] = np.nan
-    return ap
+    r_rows, n = s.shape
+    bins = n + 2  # per row: bin 0 = not a negative, bins 1..n+1 = buckets 0..n
+    first = np.arange(r_rows, dtype=np.int64) * bins  # each row's bin 0
+    ranked = group != group[rows, None]  # positives and negatives
+    neg = lab != lab[rows, None]
+    np.negative(s, out=s)  # the key: lower ranks first
+    lo = np.min(s, axis=1, where=ranked, initial=np.inf)
+    hi = np.max(s, axis=1, where=ranked, initial=-np.inf)
+    t = s - lo[:, None]  # exact (integers below 2^51)
+    t *= (n / (hi - lo + 1.0))[:, None]  # rounding is monotone, so buckets are ordered like the keys
+    np.floor(t, out=t)
+    gid = t.astype(np.int64)
+    del t
+    gid += first[:, None] + 1
+    pr, pc = np.nonzero(ranked & ~neg)  # positives
+    pg = gid[pr, pc]
+    del ranked
+    np.copyto(gid, first[:, None], where=~neg)
+    del neg
+    below = _exclusive_cumsum(np.bincount(gid.ravel(), minlength=r_rows * bins), first)
+    occupied = np.zeros(r_rows * bins, dtype=bool)
+    occupied[pg] = True
+    occupied[first] = False
+    sr, sc = np.nonzero(occupied[gid])  # negatives sharing a bucket with a positive
+    sg = gid[sr, sc]
+    del gid, occupied
+    sel_below = _exclusive_cumsum(np.bincount(sg, minlength=r_rows * bins), first)
+
+    row, col = np.concatenate([pr, sr]), np.concatenate([pc, sc])
+    is_neg = np.concatenate([np.zeros(len(pr), dtype=bool), np.ones(len(sr), dtype=bool)])
+    key = (row << KEY_BITS) + (s[row, col].astype(np.int64) + (1 << (KEY_BITS - 1)))  # (row, -score), exact
+    order = np.argsort(key)
+    if len(key) > 1 and (np.diff(key[order]) == 0).any():  # equal scores: lower index first
+        order = np.lexsort((col, key))
+    row, g, is_neg = row[order], np.concatenate([pg, sg])[order], is_neg[order]
+    neg_before = np.cumsum(is_neg) - is_neg  # selected negatives earlier in the list, over all rows
+    keep = ~is_neg
+    row, g, neg_before = row[keep], g[keep], neg_before[keep]
+    # negatives ahead = all in lower buckets + selected ones ahead in the same bucket (running sums reset per row)
+    ahead = below[g] - sel_below[g] + neg_before - below[first[row]]
+    counts = n_pos[rows]
+    k = np.arange(1, len(row) + 1) - (np.cumsum(counts) - counts)[row]
+    return _ap(row, k + ahead, counts)
 
 
-def _exact_ap(scores: np.ndarray, rows: np.ndarray, lab: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """AP ranking by (-score, row): the definition itself, used for rows where scores tie across pos/neg."""
-    order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=-1)
-    pos = (lab == lab[rows, None]) & (group != group[rows, None])
-    valid = group != group[rows, None]
-    rank = np.cumsum(np.take_along_axis(valid, order, axis=1), axis=1)
-    r, c = np.nonzero(np.take_along_axis(pos, order, axis=1))
-    return _ap(r, rank[r, c], pos.sum(axis=1))
+def _exclusive_cumsum(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Running sum of `counts` before each bin (over all rows; bin 0 of each row holds nothing)."""
+    counts[first] = 0
+    out = np.cumsum(counts)
+    out -= counts
+    return out
 
 
 def _ap(r: np.ndarray, rank: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
     """AP per row from its positives' (row r, 1-based rank), in rank order within each row.
 
-    The k-th positive's precision is k / rank, summed in order of k (bincount adds sequentially), so the
-    observed and the null APs use one formula and a row's AP does not depend on the rows beside it."""
+    The k-th positive's precision is k / rank, summed in order of k (bincount adds sequentially, like
+    `_ap_matrix`), so the observed and the null APs are one formula and a row's AP does not depend on
+    the rows beside it."""
     starts = np.cumsum(n_pos) - n_pos
     k = np.arange(1, len(r) + 1) - starts[r]
     return np.bincount(r, k / rank, minlength=len(n_pos)) / n_pos
+
+
+def _ap_matrix(rank: np.ndarray) -> np.ndarray:
+    """`_ap` for rows with the same number of positives: rank (m, P), sorted. Bitwise the same sums
+    (cumsum is sequential too), without `_ap`'s per-positive bookkeeping."""
+    prec = np.arange(1, rank.shape[1] + 1) / rank
+    return np.cumsum(prec, axis=1)[:, -1] / rank.shape[1]
 
 
 def class_null(
@@ -221,16 +253,21 @@ def class_null(
 
     One set of n_perm null APs per distinct (P, T) (copairs' cache), from its own generator seeded by
     (seed, P, T): a configuration's null does not depend on which others occur, the block size or the
-    row order. Permutation i of a class adds null draw i of each of its queries' configurations.
+    row order. Permutation i of a class adds null draw i of each of its queries' configurations, in
+    order of (P, T), whichever thread drew them.
     """
     cfg, inv = np.unique(np.stack([n_pos, total], axis=1), axis=0, return_inverse=True)
     pairs, counts = np.unique(np.stack([inv.ravel(), lab], axis=1), axis=0, return_counts=True)
     acc = np.zeros((n_classes, n_perm))
-    for j, (p, t) in enumerate(cfg):
-        null = null_ap(int(p), int(t), n_perm, seed)
-        sel = pairs[:, 0] == j
-        for cls, cnt in zip(pairs[sel, 1], counts[sel], strict=True):
-            acc[cls] += cnt * null
+    workers = _cores()
+    with ThreadPoolExecutor(workers) as pool:
+        for s in range(0, len(cfg), 8 * workers):  # a few at a time: finished draws wait in memory
+            part = cfg[s : s + 8 * workers]
+            nulls = pool.map(lambda pt: null_ap(int(pt[0]), int(pt[1]), n_perm, seed), part)
+            for j, null in enumerate(nulls, start=s):
+                sel = pairs[:, 0] == j
+                for cls, cnt in zip(pairs[sel, 1], counts[sel], strict=True):
+                    acc[cls] += cnt * null
     return acc
 
 
@@ -244,13 +281,12 @@ def null_ap(n_pos: int, total: int, n_perm: int, seed: int) -> np.ndarray:
         m = min(step, n_perm - s)
         picked = _random_subsets(rng, m, n_pos if draw_pos else total - n_pos, total)  # sorted 0-based positions
         if draw_pos:
-            r, rank = np.repeat(np.arange(m), n_pos), picked.ravel() + 1
+            rank = picked + 1
         else:  # the picks are the negatives; positives are every other position
             is_pos = np.ones((m, total), dtype=bool)
             is_pos[np.arange(m)[:, None], picked] = False
-            r, c = np.nonzero(is_pos)
-            rank = c + 1
-        out[s : s + m] = _ap(r, rank, np.full(m, n_pos))
+            rank = np.nonzero(is_pos)[1].reshape(m, n_pos) + 1
+        out[s : s + m] = _ap_matrix(rank)
     return out
 
 
