@@ -19,6 +19,7 @@ import pandas as pd
 
 from .config import (
     DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_PROBE_SELECT,
     DEFAULT_TEMPLATES,
@@ -278,6 +279,8 @@ def extract_command(store: str | Path, record: dict[str, Any]) -> str:
         cmd.append("--features")
     if p.get("max_pixels", DEFAULT_MAX_PIXELS) != DEFAULT_MAX_PIXELS:
         cmd.append(f"--max-pixels {p['max_pixels']}")
+    if p.get("max_file_bytes") is not None:
+        cmd.append(f"--max-file-bytes {p['max_file_bytes']}")
     pixels = p.get("pixels") or {}
     if pixels.get("channels"):
         cmd.append(f"--channels {q(','.join(pixels['channels']))}")
@@ -308,7 +311,9 @@ def repair_store(
     done flag cleared and are recomputed, texts re-encoded, metadata rewritten. Where the model
     or dataset cannot be reloaded here, `commands` says which `probe extract` to run. Only the
     forward-pass settings of `config` (device, precision, batch size, workers) are used; what
-    the run stores comes from its provenance.
+    the run stores comes from its provenance: from its copy in done/zarr.json where the group's
+    was edited and only the copy fits the stored arrays (`EmbeddingStore.repair_record`). A
+    repair killed midway is resumed by the next one (the chunks it cleared stay reported).
     """
     from .encoders import load_encoder
 
@@ -319,7 +324,7 @@ def repair_store(
     for node in st.scan():
         if node.path not in damaged:
             continue
-        record = node.record()
+        record = st.repair_record(node)
         if record is None:
             report.commands.append(
                 f"{st.path}/{node.path}: its provenance is damaged and so is its copy in done/zarr.json, so "
@@ -350,11 +355,18 @@ def repair_store(
                 features=bool(p.get("features")),
                 overwrite=False,
                 max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                max_file_bytes=int(p.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
                 **pixel_settings(p),
             )
             done = _extract_with(encoder, ds, st, cfg, progress(p["model_spec"], len(ds)) if progress else None, notify)
         except ProvenanceMismatchError as exc:
-            report.commands.append(f"{node.path}: the model or dataset reloaded here differs from the run's: {exc}")
+            what = "; ".join(getattr(exc, "__notes__", [])) or str(exc)
+            report.commands.append(
+                f"{node.path}: nothing was extracted: the model or dataset reloaded here differs from the run's: "
+                f"{what} (the run's provenance was edited, or its model or dataset changed since extraction). "
+                f"Make the run's model and dataset available here, or discard the run and extract it again: "
+                f"{cmd} --overwrite"
+            )
             continue
         report.reports.append(done)
         report.repaired += done.repaired

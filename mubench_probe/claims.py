@@ -197,15 +197,19 @@ class LocalChunkClaims(_HeartbeatClaims):
             tmp.unlink(missing_ok=True)
 
     def _read(self, path: Path) -> ClaimInfo | None:
-        """The claim at `path`; None if it vanished. An unreadable claim counts as stale."""
-        try:
-            raw = path.read_text()
-            age = max(0.0, time.time() - path.stat().st_mtime)
-        except FileNotFoundError:
-            return None
+        """The claim at `path`; None if it vanished. A claim whose bytes are not a claim (garbage, not
+        UTF-8, not JSON) is stale: claims are written whole, so no live writer leaves one like that.
+        One this process may not read (another user's) is live while its heartbeat (mtime) is fresh."""
         key = _parse_key(path.name.removesuffix(".claim"))
         try:
-            body = json.loads(raw)
+            age = max(0.0, time.time() - path.stat().st_mtime)
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:  # permissions: judge it by its heartbeat, as a claim from another host
+            return ClaimInfo(key, "?", -1, "", age, age <= self.timeout)
+        try:
+            body = json.loads(raw)  # bytes: undecodable ones raise UnicodeDecodeError, a ValueError
             host, pid, token, start = str(body["host"]), int(body["pid"]), str(body["token"]), body.get("start")
         except (ValueError, KeyError, TypeError):
             return ClaimInfo(key, "?", -1, "", age, False)
@@ -287,20 +291,22 @@ class LocalChunkClaims(_HeartbeatClaims):
 
     def shards_noted(self) -> int | None:
         try:
-            text = (self.folder / "shards").read_text().strip()
+            raw = (self.folder / "shards").read_bytes().strip()
         except FileNotFoundError:
             return None
-        return int(text) if text.isdigit() else None
+        return int(raw) if raw.isdigit() else None  # garbage: not recorded
 
     def written(self) -> list[tuple[Key, str, int]]:
-        """The audit log: (key, host, pid) per chunk written, oldest first."""
-        log = self.folder / "written.log"
-        if not log.exists():
+        """The audit log: (key, host, pid) per chunk written, oldest first (unreadable lines skipped)."""
+        try:
+            text = (self.folder / "written.log").read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
             return []
         out = []
-        for line in log.read_text().splitlines():
-            name, host, pid, *_ = line.split()
-            out.append((_parse_key(name), host, int(pid)))
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[2].isdigit():
+                out.append((_parse_key(parts[0]), parts[1], int(parts[2])))
         return out
 
     def _refresh(self, key: Key) -> None:
@@ -413,8 +419,10 @@ class ObjectChunkClaims(_HeartbeatClaims):
         """The audit log: (key, host, pid) per chunk written, oldest first."""
         rows = []
         for name in self.loc.files(f"{self.prefix}/written"):
-            key, host, pid, stamp = name.rsplit("@", 3)
-            rows.append((int(stamp), _parse_key(key), host, int(pid)))
+            parts = name.rsplit("@", 3)
+            if len(parts) == 4 and parts[2].isdigit() and parts[3].isdigit():  # anything else: not ours
+                key, host, pid, stamp = parts
+                rows.append((int(stamp), _parse_key(key), host, int(pid)))
         return [(k, h, p) for _, k, h, p in sorted(rows, key=lambda r: r[0])]
 
     def note_shards(self, count: int) -> None:

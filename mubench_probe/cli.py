@@ -24,7 +24,6 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
-    TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
@@ -34,6 +33,7 @@ from rich.text import Text
 from . import api
 from .errors import NothingToEvaluateError, ProbeError, StoreDamageError, UsageError
 from .launch import Resources
+from .report import printable
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -41,10 +41,43 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 StoreOpt = Annotated[str, typer.Option("--store", "-s", help="Zarr store: a directory or an fsspec URL (s3://...).")]
+
+
+def _safe(text: Any) -> str:
+    """User data (a label, a column, model or file name, an error message) for a rich markup
+    string: control characters made visible (ESC -> `\\x1b`, newline -> `\\n`), brackets escaped."""
+    return escape(printable(text))
+
+
+def _say(console: Console, message: Any, prefix: str = "") -> None:
+    """The one way this module prints a line: `prefix` is our own markup (a style, a label such as
+    "error:"); `message` is data, printed as it is (never parsed as markup or emoji codes), with
+    every control character made visible, so no value can restyle, erase or forge the output."""
+    body = escape(printable(message) + " ")[:-1]  # last in the line: a trailing backslash needs no escape
+    console.print(prefix + body, highlight=False, soft_wrap=True, emoji=False)
+
+
+class SafeTable(Table):
+    """A rich Table whose title, headers and cells are data: shown as they are, never parsed as
+    markup, with control characters made visible (the terminal counterpart of `_say`)."""
+
+    def __init__(self, *headers: Any, title: Any = None, **kwargs: Any) -> None:
+        title = None if title is None else Text(printable(title), style="table.title")
+        super().__init__(*(_cell_text(h) for h in headers), title=title, **kwargs)
+
+    def add_column(self, header: Any = "", *args: Any, **kwargs: Any) -> None:
+        super().add_column(_cell_text(header), *args, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(_cell_text(c) for c in cells), **kwargs)
+
+
+def _cell_text(value: Any) -> Any:
+    return Text(printable(value)) if isinstance(value, str) else value
 
 
 def friendly(fn: F) -> F:
@@ -55,13 +88,13 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ProbeError as exc:  # escaped: messages name extras like mubench-probe[formats]
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _say(err, exc, prefix="[bold red]error:[/] ")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted: finished chunks are saved; rerun the same command to resume")
+            _say(err, "interrupted: finished chunks are saved; rerun the same command to resume")
             raise typer.Exit(130) from None
         except OSError as exc:  # unwritable store, full disk, missing file: the user's environment
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _say(err, exc, prefix="[bold red]error:[/] ")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -123,7 +156,14 @@ class LineProgress:
         parts.append(f"{rate:,.1f} {self.unit}/s, {elapsed:,.0f} s elapsed")
         if total and rate > 0 and not final:
             parts.append(f"ETA {(total - task['done']) / rate:,.0f} s")
-        err.print(" ".join(parts) + (" (done)" if final else ""), highlight=False, soft_wrap=True)
+        _say(err, " ".join(parts) + (" (done)" if final else ""))
+
+
+class DescriptionColumn(ProgressColumn):
+    """A task's description (a model spec, a task name) as data: never markup, controls visible."""
+
+    def render(self, task: Any) -> Text:
+        return Text(printable(task.description))
 
 
 def _progress(unit: str = "img") -> Progress | LineProgress:
@@ -131,7 +171,7 @@ def _progress(unit: str = "img") -> Progress | LineProgress:
     if not err.is_terminal:
         return LineProgress(unit=unit)
     return Progress(
-        TextColumn("{task.description}"),
+        DescriptionColumn(),
         BarColumn(),
         MofNCompleteColumn(),
         RateColumn(),
@@ -156,21 +196,30 @@ def _check_format(fmt: str, as_json: bool = False) -> str:
 def _print_wide(renderable: Any) -> None:
     """Print at the width the renderable needs: cells are never wrapped, in a terminal or in a log."""
     natural = Console(width=100_000).measure(renderable).maximum  # measured without a width limit
-    Console(width=max(natural, 40), file=out.file, highlight=False).print(renderable)
+    Console(width=max(natural, 40), file=out.file, highlight=False, emoji=False).print(renderable)
+
+
+def _data(text: str, nl: bool = True) -> None:
+    """CSV or JSON on stdout, for programs: every value exactly as it is (JSON escapes control
+    characters itself; click would strip ANSI sequences from a pipe, altering values). Only when
+    stdout is a terminal, where a person reads it, are control characters made visible."""
+    if out.is_terminal:
+        text = printable(text, keep_newlines=True)
+    typer.echo(text, nl=nl, color=True)
 
 
 def _emit(records: list[dict[str, Any]], fmt: str, title: str = "") -> None:
     """Records as a table (one line per record), CSV or JSON on stdout."""
     if fmt == "json":
-        typer.echo(json.dumps(records, default=str, indent=2))
+        _data(json.dumps(records, default=str, indent=2))
         return
     if fmt == "csv":
         import pandas as pd
 
-        typer.echo(pd.DataFrame(records).to_csv(index=False), nl=False)
+        _data(pd.DataFrame(records).to_csv(index=False), nl=False)
         return
     columns = list(dict.fromkeys(k for r in records for k in r))
-    table = Table(title=title or None, title_justify="left")
+    table = SafeTable(title=title or None, title_justify="left")
     for c in columns:
         table.add_column(str(c), no_wrap=True)
     for r in records:
@@ -269,7 +318,7 @@ def _extract_config(**settings: Any) -> api.ExtractConfig:
 
 
 def _notify(line: str) -> None:
-    err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
+    _say(err, line, prefix="note: ")
 
 
 @app.command()
@@ -295,6 +344,9 @@ def extract(
     templates: TemplatesOpt = None,
     overwrite: OverwriteOpt = False,
     max_pixels: MaxPixelsOpt = api.DEFAULT_MAX_PIXELS,
+    max_file_bytes: Annotated[
+        int, typer.Option(help="Larger image files (and any non-regular file) are failed rows, never read.", min=1)
+    ] = api.DEFAULT_MAX_FILE_BYTES,
     claim_timeout: ClaimTimeoutOpt = api.DEFAULT_CLAIM_TIMEOUT,
     scene: SceneOpt = None,
     channels: ChannelsOpt = None,
@@ -329,6 +381,7 @@ def extract(
         templates=templates,
         overwrite=overwrite,
         max_pixels=max_pixels,
+        max_file_bytes=max_file_bytes,
         claim_timeout=claim_timeout,
         channels=channels,
         channel_mode=channel_mode,
@@ -366,7 +419,7 @@ def extract(
     ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit, scene=scene)
     total = len(ds) if cfg.shard is None else api.shard_rows(len(ds), cfg.chunk_rows, cfg.shard)
     where = "" if cfg.shard is None else f" (shard {cfg.shard[0]}/{cfg.shard[1]}: {total} rows)"
-    err.print(f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}{where}")
+    _say(err, f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}{where}")
     for spec in models:
         with _progress() as bar:
             task = bar.add_task(spec, total=total)
@@ -380,32 +433,32 @@ def _launch(models, dataset, store, cfg, launcher, shards, split, revision, limi
             cluster, partition, gpus, cpus, mem, time, parallelism) -> None:  # fmt: skip
     """--launcher: start the shards and say where they are (and wait where the launcher does)."""
     res = Resources(partition, gpus, cpus, mem, time, parallelism)
-    err.print(f"{launcher}: {shards} shard(s) of {', '.join(models)} on {dataset} -> {store}", highlight=False)
+    _say(err, f"{launcher}: {shards} shard(s) of {', '.join(models)} on {dataset} -> {store}")
     launched = api.launch_extract(
         models, dataset, store=store, config=cfg, launcher=launcher, shards=shards, resources=res, address=address,
         log_dir=log_dir, cluster=cluster, split=split, revision=revision, limit=limit, scene=scene, notify=_notify,
     )  # fmt: skip
     if launcher == "slurm":
         job = launched.job_ids[0].split("_")[0] if launched.job_ids else "?"
-        out.print(f"submitted job array {job} ({shards} shards), logs in {launched.log_dir}", highlight=False)
+        _say(out, f"submitted job array {job} ({shards} shards), logs in {launched.log_dir}")
         if cluster != "local":
-            out.print(f"progress: probe status {store}", highlight=False)
+            _say(out, f"progress: probe status {store}")
             return
         launched.wait()  # submitit's local jobs end with this process: wait for them
     for shard_reports in launched.results or []:
         for r in shard_reports or []:
-            out.print(
+            _say(
+                out,
                 f"shard {r['shard'][0]}/{r['shard'][1]} {r['model']}: {r['chunks_written']} chunks written, "
                 f"{r['chunks_skipped']} already done, {r['chunks_by_others']} by another writer "
                 f"({r['seconds']:.1f} s on {r['host']})",
-                highlight=False,
             )
-    out.print(f"done: probe status {store}", highlight=False)
+    _say(out, f"done: probe status {store}")
 
 
 def _print_report(report: Any) -> None:
     for line in report.repaired:
-        err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="[yellow]repaired:[/] ")
     msg = (
         f"{report.model}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
         f"{report.texts_encoded} texts encoded"
@@ -414,20 +467,20 @@ def _print_report(report: Any) -> None:
         msg += f", {report.chunks_by_others} written by another writer"
     if report.rows:
         msg += f", {report.images_per_second:.1f} img/s"
-    out.print(msg, highlight=False)
+    _say(out, msg)
     for line in report.notes:
-        err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="note: ")
     for row, reason in sorted(report.failures.items())[:10]:
-        err.print(f"  skipped row {row}: {reason}", highlight=False, soft_wrap=True)
+        _say(err, f"  skipped row {row}: {reason}")
     if len(report.failures) > 10:
-        err.print(f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
+        _say(err, f"  ... {len(report.failures)} unreadable rows in all (see `probe info`)")
 
 
 def _fmt(cell: Any) -> str:
     if cell is None or (isinstance(cell, float) and cell != cell):
         return "–"
     value, lo, hi = cell
-    if lo != lo:  # no CI (NaN)
+    if lo is None or hi is None or lo != lo or hi != hi:  # no CI (NaN; None after --bootstrap 0)
         return f"{value:.3f}"
 
     def short(v: float) -> str:  # 0.29 -> .29, -0.05 -> -.05: keeps the CI short on one line
@@ -652,7 +705,7 @@ def evaluate(
             cols = [c for c in part.columns if c not in ("model", "task") and part[c].notna().any()]
             if part.empty or not cols:
                 continue
-            table = Table(title=f"{model_name}  ({title})", title_justify="left")
+            table = SafeTable(title=f"{model_name}  ({title})", title_justify="left")
             table.add_column("task", no_wrap=True)
             for c in cols:
                 table.add_column(c, justify="right", no_wrap=True)
@@ -663,17 +716,16 @@ def evaluate(
         _table1(res.table)
     nothing = res.scored == 0
     for line in _note_lines(res, verbose or nothing):
-        err.print(f"note: {line}", highlight=False, soft_wrap=True, markup=False)
+        _say(err, line, prefix="note: ")
     if nothing:
         raise NothingToEvaluateError(
             "nothing to evaluate: every selected task was skipped (the notes above say why); "
             f"run.json in {results} records them"
         )
-    err.print(
+    _say(
+        err,
         f"{res.computed} units computed, {res.skipped} already in {results}; "
         f"results.parquet, results.csv, predictions.parquet, run.json",
-        highlight=False,
-        soft_wrap=True,
     )
 
 
@@ -755,7 +807,7 @@ def _table1(table: Any) -> None:
     rows = api.mubench_table1(table)
     if rows.empty:
         return
-    t = Table(title="μ-Bench zero-shot (% ± CI half-width)", title_justify="left")
+    t = SafeTable(title="μ-Bench zero-shot (% ± CI half-width)", title_justify="left")
     for c in ("model", "coarse", "fine"):
         t.add_column(c, justify="left" if c == "model" else "right", no_wrap=True)
     for _, r in rows.iterrows():
@@ -843,7 +895,7 @@ def interpolate(
     )
     for a in values:
         if not 0 <= a <= 1:
-            err.print(f"[yellow]warning:[/] alpha={a:g} is outside [0, 1]: extrapolating", highlight=False)
+            _say(err, f"alpha={a:g} is outside [0, 1]: extrapolating", prefix="[yellow]warning:[/] ")
     bars = _progress()
     with bars, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -870,7 +922,7 @@ def interpolate(
         )
     for r in reports:
         _print_report(r)
-    out.print(f"next: probe evaluate {store} && probe compare {store} --report report.html", highlight=False)
+    _say(out, f"next: probe evaluate {store} && probe compare {store} --report report.html")
 
 
 @app.command()
@@ -887,7 +939,7 @@ def info(
     fmt = _check_format(fmt, as_json)
     summary = api.store_info(store, verify=verify)
     if fmt == "json":
-        typer.echo(json.dumps(summary, default=str, indent=2))
+        _data(json.dumps(summary, default=str, indent=2))
     else:
         records = [
             {
@@ -909,19 +961,19 @@ def info(
         if fmt == "table":
             for r in summary["runs"]:
                 p = r["provenance"]
-                out.print(
-                    f"[bold]{r['group']}[/]: dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
+                _say(
+                    out,
+                    f": dataset {p.get('dataset_id')}@{p.get('dataset_revision')} "
                     f"fp {p.get('dataset_fingerprint')}, {p.get('dtype')}; model {p.get('model_spec')}; "
                     f"intensity {str(p.get('intensity_policy')).split(':')[0]}"
                     + (f"; pixels {p['pixels'].get('rule')}" if p.get("pixels") else ""),
-                    highlight=False,
-                    soft_wrap=True,
+                    prefix=f"[bold]{_safe(r['group'])}[/]",
                 )
     if verify:
         _report_problems(summary["problems"], store)
     damaged = [r for r in summary["runs"] if r["status"] == "damaged"]
     for line in (line for r in damaged for line in r["problems"]):
-        err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="[red]damaged:[/] ")
     if damaged:
         raise StoreDamageError(f"{len(damaged)} damaged run(s) in {store}; repair with `probe verify --repair {store}`")
 
@@ -929,17 +981,16 @@ def info(
 def _report_problems(problems: list[str], store: str) -> None:
     """One line per problem, then a non-zero exit naming the repair command."""
     for line in problems:
-        err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="[red]damaged:[/] ")
     if problems:
         raise StoreDamageError(
             f"{len(problems)} problem(s) in {store}; repair with `probe verify --repair {store}` "
             "(reloads each damaged run's model and dataset from its provenance)"
         )
-    err.print(
+    _say(
+        err,
         "verify: intact (every chunk present, every chunk matches its checksum, provenance and texts "
         "match their digests)",
-        highlight=False,
-        soft_wrap=True,
     )
 
 
@@ -955,7 +1006,7 @@ def status(
     fmt = _check_format(fmt, as_json)
     st = api.store_status(store, shards)
     if fmt == "json":
-        typer.echo(json.dumps(st, default=str, indent=2))
+        _data(json.dumps(st, default=str, indent=2))
         return
     rows = []
     for r in st["runs"]:
@@ -975,11 +1026,10 @@ def status(
     for r in st["runs"]:
         for c in r["claims"]:
             state = "live" if c["live"] else "stale (taken over by the next writer)"
-            out.print(
+            _say(
+                out,
                 f"  {r['group']}: {c['key']} held by pid {c['pid']} on {c['host']}, heartbeat {c['age_s']:.0f} s "
                 f"ago: {state}",
-                highlight=False,
-                soft_wrap=True,
             )
 
 
@@ -1018,19 +1068,22 @@ def search(
         index=index,
         device=device,
     )
+    for note in res.notes:  # a truncated query text, a rebuilt index: stderr, so --json stays parseable
+        _say(err, note, prefix="note: ")
     if fmt == "json":
-        typer.echo(json.dumps({"query": res.query, "index": res.index, "hits": res.hits}, default=str, indent=2))
+        payload = {"query": res.query, "index": res.index, "hits": res.hits, "notes": res.notes}
+        _data(json.dumps(payload, default=str, indent=2))
     else:
         _emit(res.hits, fmt, f"{res.query}")
         if res.index.get("recall_at_10") is not None:
-            err.print(
+            _say(
+                err,
                 f"index {res.index['factory']}: recall@10 vs exact search = {res.index['recall_at_10']:.3f} "
                 f"({res.index['recall_queries']} sampled queries)",
-                highlight=False,
             )
     if sheet is not None:
         path = api.contact_sheet(store, res, sheet)
-        err.print(f"contact sheet: {path}")
+        _say(err, f"contact sheet: {path}")
 
 
 @app.command()
@@ -1087,10 +1140,10 @@ def compare(
             mat = getattr(res, name)
             payload[name] = [{"model": i, **row} for i, row in mat.round(4).to_dict("index").items()]
         if fmt == "json":
-            typer.echo(json.dumps(payload, default=str, indent=2))
+            _data(json.dumps(payload, default=str, indent=2))
         else:  # one CSV per table, each after a '# name' line
             for name, rows in payload.items():
-                typer.echo(f"# {name}")
+                _data(f"# {name}")
                 _emit(rows, "csv")
     else:
         if records:
@@ -1103,10 +1156,12 @@ def compare(
             ("linear CKA (class-prompt text prototypes)", res.text_cka),
         ):
             if not mat.empty:
-                out.print(f"{title}:")
-                out.print(mat.round(3).to_string(), highlight=False, soft_wrap=True)
+                _say(out, f"{title}:")
+                shown = mat.round(3).rename(index=printable, columns=printable)  # names become one line each
+                for line in shown.to_string().splitlines():
+                    _say(out, line)
     if res.report:
-        err.print(f"report: {res.report} ({len(res.figures)} figures)", highlight=False)
+        _say(err, f"report: {res.report} ({len(res.figures)} figures)")
 
 
 @app.command()
@@ -1122,7 +1177,7 @@ def export(
 ) -> None:
     """Export one finished run's embeddings, metadata and provenance for scanpy, FAISS or pandas."""
     res = api.export(store, to, target, model=model, dataset=dataset)
-    out.print(f"exported {res.rows} rows to {', '.join(str(f) for f in res.files)}", highlight=False, soft_wrap=True)
+    _say(out, f"exported {res.rows} rows to {', '.join(str(f) for f in res.files)}")
 
 
 @app.command()
@@ -1140,6 +1195,8 @@ def verify(
 ) -> None:
     """Check every chunk (present, checksum) and every digest; `--repair` fixes what it finds."""
     if not repair:
+        for line in api.open_store(store).notes():  # e.g. runs written before the chunk and metadata digests
+            _notify(line)
         _report_problems(api.verify_store(store), store)
         return
     bars = _progress()
@@ -1153,14 +1210,14 @@ def verify(
             store, device=device, num_workers=workers, batch_size=batch_size, progress=bar_for, notify=_notify
         )
     for line in res.repaired:
-        err.print(f"[yellow]repaired:[/] {line}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="[yellow]repaired:[/] ")
     for line in res.commands:
-        err.print(f"[red]not repaired:[/] {line}", highlight=False, soft_wrap=True)
+        _say(err, line, prefix="[red]not repaired:[/] ")
     if res.remaining or res.commands:
         for line in res.remaining:
-            err.print(f"[red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+            _say(err, line, prefix="[red]damaged:[/] ")
         raise StoreDamageError(f"{len(res.remaining)} problem(s) remain in {store} (see above)")
-    out.print(f"verify --repair: {len(res.repaired)} problem(s) repaired; {store} is intact", highlight=False)
+    _say(out, f"verify --repair: {len(res.repaired)} problem(s) repaired; {store} is intact")
 
 
 @app.command()
@@ -1170,12 +1227,12 @@ def models(
 ) -> None:
     """Model spec forms each backend takes, with examples."""
     for b in api.list_backends():
-        out.print(f"[bold]{b.name}[/]: {b.help}", highlight=False)
+        _say(out, f": {b.help}", prefix=f"[bold]{_safe(b.name)}[/]")
         for ex in b.examples:
-            out.print(f"  {ex}", highlight=False)
+            _say(out, f"  {ex}")
     if all_tags:
         for spec in api.list_open_clip_specs():
-            out.print(spec, highlight=False)
+            _say(out, spec)
 
 
 @app.command()
@@ -1183,7 +1240,7 @@ def models(
 def datasets() -> None:
     """Dataset spec forms, in the order they are tried."""
     for f in api.list_dataset_formats():
-        out.print(f"[bold]{f.name}[/]: {f.help}", highlight=False)
+        _say(out, f": {f.help}", prefix=f"[bold]{_safe(f.name)}[/]")
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ TEMPERATURE = 0.07
 DEFAULT_CS = tuple(float(10.0**e) for e in (-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4))
 DEFAULT_PATIENCE = 2
 # How the probe's C is chosen on validation rows (heads/linear.py: validation_score). Accuracy
-# rewards the majority class when validation rows' class mix differs from training (held-out
-# sources, plates, patients); measured in benchmarks/probe_selection.py (README "Choosing C").
+# (and balanced accuracy) on held-out sources, plates or patients is often flat in C, and ties
+# go to the smallest C: a majority-class probe. Log-loss is continuous and does not tie; measured
+# in benchmarks/probe_selection.py (README "Choosing C under a class-mix shift").
 PROBE_SELECTS = ("accuracy", "balanced_accuracy", "log_loss")
-DEFAULT_PROBE_SELECT = "balanced_accuracy"
+DEFAULT_PROBE_SELECT = "log_loss"
 # With one example per class nothing can be held out. Measured on hard cone data
 # (benchmarks/evaluate_speed.py --one-shot), 1-shot accuracy is flat in C up to ~1, where the
 # strongly regularised solution is the centred class prototype, and falls slightly beyond.
@@ -69,6 +70,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = ("float16", "float32")
 INTENSITY_POLICIES = ("percentile", "minmax", "dtype")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+# Per-file read limit, checked from the file's size before a byte is read. 1 GiB is above the
+# largest image the default pixel limit accepts stored uncompressed (8 bytes per allowed pixel:
+# 716 MB), so it fails no image that limit lets through, and bounds a worker's read to 1 GiB.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
 CHANNEL_MODES = ("rgb", "each", "composite")
 PROJECTIONS = ("max", "mean", "middle")  # and index:K
 DEFAULT_CLAIM_TIMEOUT = 300.0
@@ -119,12 +124,17 @@ def parse_conditions(conditions: Sequence[str]) -> tuple[dict[str, tuple[str, ..
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """`I/N` (0 <= I < N) -> (I, N); `auto` takes the rank from torchrun (RANK, WORLD_SIZE) or a
-    Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); None/empty -> no sharding."""
+    Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); None (no option) -> no sharding.
+
+    An explicitly empty value is refused: `--shard "$RANK/$N"` with unset variables must not
+    silently make one process compute every chunk."""
     import os
 
-    if text is None or not str(text).strip():
+    if text is None:
         return None
     text = str(text).strip()
+    if not text:
+        raise UsageError("--shard is empty: give I/N (e.g. 0/4) or auto, or leave the option out")
     if text == "auto":
         env = os.environ
         for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
@@ -138,10 +148,16 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(I, N) as given in Python (ExtractConfig(shard=...)): two integers with 0 <= I < N."""
     if shard is None:
         return None
-    i, n = (int(v) for v in shard)
-    if n < 1 or not 0 <= i < n:
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise UsageError(f"--shard takes I/N (two integers, e.g. 0/4) or auto, not {shard!r}") from None
+    if n < 1:
+        raise UsageError(f"--shard {i}/{n}: the number of shards must be at least 1")
+    if not 0 <= i < n:
         raise UsageError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
     return (i, n)
 
@@ -327,7 +343,7 @@ class ExtractConfig(_Config):
 
     Everything but the model and the dataset: forward-pass settings (batch, workers, device,
     precision), what is stored (dtype, chunk size, pre-projection features), how raw intensities
-    become RGB (`intensity`, `max_pixels`), which class prompts are embedded (`templates`),
+    become RGB (`intensity`, `max_pixels`, `max_file_bytes`), which class prompts are embedded (`templates`),
     and how concurrent writers coordinate (`claim_timeout`, and `shard`: which chunks this
     process computes when N processes fill one store).
 
@@ -356,6 +372,7 @@ class ExtractConfig(_Config):
     t: str | None = None
     target_mpp: float | None = None
     shard: tuple[int, int] | None = None  # (I, N): only the chunks ci with ci % N == I (see shard_of)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger image files are failed rows, never read
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -395,6 +412,8 @@ class ExtractConfig(_Config):
             )
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
+        if self.max_file_bytes < 1:
+            raise UsageError("--max-file-bytes must be at least 1")
         if self.claim_timeout <= 0:
             raise UsageError("--claim-timeout must be positive")
 
@@ -449,6 +468,9 @@ class EvalConfig(_Config):
             raise UsageError(f"--probe-backend must be one of {', '.join(PROBE_BACKENDS)}, not {self.probe_backend!r}")
         if not self.knn_index.strip():
             raise UsageError("--knn-index needs a FAISS factory string (Flat, IVF4096,Flat, HNSW32, ...)")
+        from .index import check_factory  # a typo is refused here, not after every unit loaded its data
+
+        check_factory(self.knn_index)
         bad = sorted(set(self.heads) - set(HEADS))
         if bad or not self.heads:
             raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")

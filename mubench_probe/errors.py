@@ -51,3 +51,8 @@ class NothingToEvaluateError(ProbeError):
     """Every task was skipped (or none matched): no number could be computed."""
 
     exit_code = 3
+
+
+class LoaderWorkerDiedError(ProbeError):
+    """A data loader worker process died (the out-of-memory killer, a crashing decoder): the
+    chunks finished before are kept and rerunning the same command resumes."""

@@ -427,16 +427,14 @@ def evaluate_store(
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     units, plan_notes = plan_units(st, cfg, models, tasks, templates)
     rd = ResultsDir(results_dir) if results_dir else None
+    # the folder's committed state; a unit is done only with its results and predictions (results.py).
+    # With --force the old rows stay committed until the unit's new rows replace them.
     table, preds = rd.load() if rd else (pd.DataFrame(columns=COLUMNS), pd.DataFrame(columns=PRED_COLUMNS))
-    done_keys = set() if force else set(table["unit"]) if len(table) else set()
+    done_keys = set() if force or not rd else rd.done
     todo = [u for u in units if u.key not in done_keys]
-    if force and len(table):
-        redo = {u.key for u in todo}
-        table = table[~table["unit"].isin(redo)]
-        preds = preds[~preds["unit"].isin(redo)]
     t0 = time.perf_counter()
-    notes: list[str] = list(plan_notes)
-    kinds: list[str] = ["skipped"] * len(plan_notes)
+    notes: list[str] = [*plan_notes, *(rd.notes if rd else [])]
+    kinds: list[str] = ["skipped"] * len(plan_notes) + ["other"] * (len(notes) - len(plan_notes))
     timings: dict[str, float] = {}
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}",
@@ -450,6 +448,10 @@ def evaluate_store(
     def finish(unit: Unit, out: Output, seconds: float) -> None:
         nonlocal table, preds
         t, p = _frame(out, unit)
+        if len(table):  # rows of this unit read from the folder (forced, incomplete, or another writer's)
+            table = table[table["unit"] != unit.key]
+        if len(preds):
+            preds = preds[preds["unit"] != unit.key]
         table = pd.concat([table, t], ignore_index=True) if len(table) else t
         preds = pd.concat([preds, p], ignore_index=True) if len(preds) else p
         notes.extend(f"{unit.model_name}: {n}" for n in out.notes)
@@ -466,6 +468,7 @@ def evaluate_store(
                     "timings_s": timings,
                     "elapsed_s": round(time.perf_counter() - t0, 3),
                 },
+                fresh={unit.key},
             )
         if progress:
             progress(unit, len(timings), len(todo))
@@ -515,6 +518,7 @@ SUMMARY_COLUMNS = {
     "ZS": (("zs_prompt", "accuracy"), ("zs_caption", "accuracy")),
     "LP": (("lp", "accuracy"),),
     "kNN@10": (("knn@10", "accuracy"),),
+    "kNN-NSB@10": (("knn_nsb@10", "accuracy"),),
     "proto": (("proto", "accuracy"),),
     "gap LP-ZS": (("alignment", "lp_minus_zs"),),
     "I->T R@1": (("image_to_text", "R@1"),),

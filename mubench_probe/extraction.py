@@ -19,7 +19,10 @@ computed exactly as a single process computes it, so the store is byte-identical
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import re
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,15 +33,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from . import allocator
 from .claims import HOST, ChunkClaims, ClaimInfo
-from .config import DEFAULT_MAX_PIXELS, ExtractConfig, package_versions, shard_of
+from .config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ExtractConfig, package_versions, shard_of
 from .datasets import LoadedDataset, reads_planes, row_source, slug
+from .datasets.base import limit_file_size, row_file_name
 from .encoders import Encoder
-from .errors import ImageDecodeError
-from .imaging import IntensityPolicy, PixelSpec, get_policy, load_rgb, render
+from .errors import ImageDecodeError, LoaderWorkerDiedError
+from .imaging import IntensityPolicy, PixelSpec, get_policy, load_rgb, render, stable_message
 from .store import EmbeddingStore, Run, RunLayout, l2_normalize
 from .tasks import derive_tasks, prompt_texts, unique_texts
 
@@ -55,13 +59,49 @@ def row_mpp(ds: LoadedDataset) -> np.ndarray:
     return np.where(mpp > 0, mpp, np.nan).astype(np.float32)
 
 
+def failure_reason(exc: BaseException, file_name: str | None) -> str:
+    """The stored reason of a failed row: the error's type and text (object reprs removed) and
+    the row's file when the text does not name it already. The same bytes in every run."""
+    text = stable_message(exc)
+    if file_name and file_name not in text:
+        text += f" (file {file_name})"
+    return f"{type(exc).__name__}: {text}"
+
+
+class WorkerRows:
+    """Which row each loader worker is decoding, in memory shared with the workers: a worker
+    killed by the out-of-memory killer says nothing, so the main process looks here to name
+    the row it died on."""
+
+    def __init__(self, workers: int) -> None:
+        self.pids = multiprocessing.RawArray("q", max(1, workers))
+        self.rows = multiprocessing.RawArray("q", max(1, workers))  # row + 1; 0: between rows
+
+    def start(self, i: int) -> None:
+        info = get_worker_info()
+        if info is not None:
+            self.pids[info.id], self.rows[info.id] = os.getpid(), int(i) + 1
+
+    def finish(self) -> None:
+        info = get_worker_info()
+        if info is not None:
+            self.rows[info.id] = 0
+
+    def rows_of(self, pids: set[int]) -> list[int]:
+        """The rows the workers with these pids were decoding when they stopped."""
+        return sorted(self.rows[w] - 1 for w in range(len(self.pids)) if self.pids[w] in pids and self.rows[w])
+
+
 class ImageRows(Dataset):
     """Row i -> (i, tensor, failure reason); an unreadable image yields zeros and a reason.
 
     The tensor is one preprocessed image, or (K, 3, H, W) with `--channel-mode each`. Single 2-D
     images with the default pixel settings take the original bytes -> RGB path; everything else
-    (bioio files, channels, stacks, a target pixel size) goes through `imaging.render`.
+    (bioio files, channels, stacks, a target pixel size) goes through `imaging.render`. Files
+    over `max_file_bytes` (and anything but regular files) are failed rows, never read.
     """
+
+    watch: WorkerRows | None = None  # set by the extraction loop: rows in progress per loader worker
 
     def __init__(
         self,
@@ -71,8 +111,10 @@ class ImageRows(Dataset):
         shape: tuple[int, ...],
         max_pixels: int = DEFAULT_MAX_PIXELS,
         spec: PixelSpec | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
-        self.reader, self.transform, self.policy, self.shape = ds.reader, transform, policy, shape
+        self.reader = limit_file_size(ds.reader, max_file_bytes)
+        self.transform, self.policy, self.shape = transform, policy, shape
         self.max_pixels = max_pixels
         self.spec = spec or PixelSpec(policy, max_pixels=max_pixels)
         self.k = self.spec.n_images
@@ -84,17 +126,25 @@ class ImageRows(Dataset):
         return len(self.reader)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        if self.watch is not None:
+            self.watch.start(i)
         try:
-            if self.legacy:
-                return i, self.transform(load_rgb(self.reader.read(i), self.policy, self.max_pixels)), ""
-            src = row_source(self.reader, i, self.max_pixels)
-            mpp = float(self.mpp[i]) if self.mpp is not None else None
-            images = render(src, self.spec, mpp, tuple(self.shape[-2:]))  # type: ignore[arg-type]
-            if self.spec.channel_mode == "each":
-                return i, torch.stack([self.transform(im) for im in images]), ""
-            return i, self.transform(images[0]), ""
+            return i, self._tensor(i), ""
         except (ImageDecodeError, OSError, ValueError) as exc:
-            return i, torch.zeros(self.item_shape), f"{type(exc).__name__}: {exc}"
+            return i, torch.zeros(self.item_shape), failure_reason(exc, row_file_name(self.reader, i))
+        finally:
+            if self.watch is not None:
+                self.watch.finish()
+
+    def _tensor(self, i: int) -> torch.Tensor:
+        if self.legacy:
+            return self.transform(load_rgb(self.reader.read(i), self.policy, self.max_pixels))
+        src = row_source(self.reader, i, self.max_pixels)
+        mpp = float(self.mpp[i]) if self.mpp is not None else None
+        images = render(src, self.spec, mpp, tuple(self.shape[-2:]))  # type: ignore[arg-type]
+        if self.spec.channel_mode == "each":
+            return torch.stack([self.transform(im) for im in images])
+        return self.transform(images[0])
 
 
 def _worker_init(worker: int) -> None:
@@ -138,6 +188,7 @@ class ClaimingBatches:
     def __init__(self, run: Run, claims: ChunkClaims, chunks: Sequence[int], batch_size: int) -> None:
         self.run, self.claims, self.chunks, self.batch_size = run, claims, list(chunks), batch_size
         self.claimed: list[int] = []
+        self.dispatched: list[tuple[int, int]] = []  # (first, last) row of every batch handed to the loader
 
     def __iter__(self) -> Iterator[list[int]]:
         layout = self.run.layout
@@ -148,7 +199,9 @@ class ClaimingBatches:
                 self.claims.release(ci)
                 continue
             self.claimed.append(ci)
-            yield from chunk_batches(layout, [ci], self.batch_size)
+            for batch in chunk_batches(layout, [ci], self.batch_size):
+                self.dispatched.append((batch[0], batch[-1]))
+                yield batch
 
 
 @dataclass
@@ -203,7 +256,8 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
     """Create or reopen (and repair) the run group for (encoder, dataset) with full provenance.
 
     `max_pixels` is provenance and identity: it does not change any image under the limit, but
-    rows over it are failed rows, so runs made with different limits must not be mixed.
+    rows over it are failed rows, so runs made with different limits must not be mixed. So is
+    `max_file_bytes`, recorded only when not the default (stores made before it existed match).
     """
     templates, max_pixels, policy = config.templates, config.max_pixels, get_policy(config.intensity)
     spec = PixelSpec.from_config(config)
@@ -221,6 +275,7 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
         "has_text": info.has_text,
         "intensity_policy": policy.describe(),
         "max_pixels": int(max_pixels),
+        **({"max_file_bytes": config.max_file_bytes} if config.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
         "dataset_spec": ds.spec,
         "dataset_format": ds.identity.get("format"),
         "dataset_id": ds.identity.get("id"),
@@ -299,6 +354,60 @@ def combine_channels(emb: np.ndarray) -> np.ndarray:
     return l2_normalize(emb.reshape(b * k, d)).reshape(b, k, d).mean(axis=1)
 
 
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (?:is )?([^.\n]*)")
+
+
+def _dead_workers(exc: RuntimeError) -> tuple[set[int], str] | None:
+    """(pids, cause) from torch's report of dead loader workers; None if `exc` is something else."""
+    m = _WORKER_DIED.search(str(exc))
+    return None if m is None else ({int(p) for p in re.findall(r"\d+", m.group(1))}, m.group(2).strip())
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _worker_death(
+    pids: set[int], cause: str, exit_codes: dict[int, int | None], rows: ImageRows, in_flight: list[tuple[int, int]]
+) -> str:
+    """One line for dead loader workers: how they died, the row each died on and its file, and
+    that a rerun resumes. A negative exit code is the signal (torch does not always say)."""
+    signals = sorted({-c for p, c in exit_codes.items() if p in pids and c is not None and c < 0})
+    if signals:
+        cause = "killed by " + ", ".join(_signal_name(n) for n in signals)
+    dead = rows.watch.rows_of(pids) if rows.watch is not None else []
+    if dead:
+        where = ", ".join(
+            f"row {r} (file {name})" if (name := row_file_name(rows.reader, r)) else f"row {r}" for r in dead
+        )
+    elif in_flight:
+        where = f"one of rows {in_flight[0][0]}-{in_flight[-1][1]}"
+    else:
+        where = "a row"
+    oom = "the out-of-memory killer sends SIGKILL: fewer --workers or a smaller --batch-size need less memory; "
+    return (
+        f"a data loader worker (pid {', '.join(map(str, sorted(pids)))}) died ({cause}) while decoding {where}; "
+        f"{oom if 'SIGKILL' in cause or 'Killed' in cause else ''}"
+        "finished chunks are saved: rerun the same command to resume"
+    )
+
+
+def _stop_workers(batches: Any) -> dict[int, int | None]:
+    """Shut a DataLoader's workers down now, and return their exit codes by pid. Torch otherwise
+    keeps watching the dead worker until the iterator is collected, and would raise its error
+    again at every later child exit (`_shutdown_workers` and `_workers` are torch's own)."""
+    stop = getattr(batches, "_shutdown_workers", None)
+    if callable(stop):
+        try:
+            stop()
+        except RuntimeError:  # another worker's exit re-reported the dead one; the workers are stopped by now
+            pass
+    return {w.pid: w.exitcode for w in getattr(batches, "_workers", ())}
+
+
 def _fill(
     run: Run,
     encoder: Encoder,
@@ -311,17 +420,21 @@ def _fill(
     while_workers_start: Callable[[], None],
     claims: ChunkClaims,
     max_pixels: int,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[int, list[int], float]:
     """The hot loop: decode in workers, forward here, write whole chunks in a thread.
 
     Chunks are claimed lazily by the batch sampler; a chunk is written only while its claim is
     still ours, then its claim is released. `while_workers_start` (the text encoding) runs after
     the workers have begun decoding, so their start-up overlaps with it. Returns rows done,
-    chunks written and image-phase seconds.
+    chunks written and image-phase seconds. A loader worker that dies (the out-of-memory killer)
+    is a LoaderWorkerDiedError naming its row, raised once the chunks finished before are written.
     """
     layout = run.layout
     features = layout.feature_dim is not None
-    dataset = ImageRows(ds, encoder.transform, spec.policy, input_shape(encoder), max_pixels, spec)
+    dataset = ImageRows(ds, encoder.transform, spec.policy, input_shape(encoder), max_pixels, spec, max_file_bytes)
+    if num_workers > 0:
+        dataset.watch = WorkerRows(num_workers)
     sampler = ClaimingBatches(run, claims, chunks, batch_size)
     loader = DataLoader(
         dataset,
@@ -351,40 +464,51 @@ def _fill(
 
     first = layout.chunk_slice(chunks[0])
     threads = cpu_threads_for(encoder, dataset, list(range(first.start, first.stop))[:4], num_workers)
+    received = 0
     with ThreadPoolExecutor(max_workers=1) as writer, threads:
         t_start = time.perf_counter()
-        batches_iter = iter(loader)
-        while_workers_start()
-        side = time.perf_counter() - t_start
-        for rows, x, reasons in batches_iter:
-            ci = rows[0] // layout.chunk_rows
-            bad = [i for i, r in enumerate(reasons) if r]
-            if each:  # (B, K, 3, H, W): every channel image through the model, K per row
-                emb_k, feat_k = encoder.encode_images(x.reshape(-1, *x.shape[2:]), features)
-                emb_k = emb_k.reshape(len(rows), each, -1)
-                emb_k[bad] = 0.0
-                chan_buf.append(emb_k)
-                emb = combine_channels(emb_k)
-                feat = feat_k.reshape(len(rows), each, -1).mean(axis=1) if feat_k is not None else None
-            else:
-                emb, feat = encoder.encode_images(x, features)
-            emb[bad] = 0.0
-            emb_buf.append(emb)
-            if feat is not None:
-                feat[bad] = 0.0
-                feat_buf.append(feat)
-            fail_buf += reasons
-            rows_done += len(rows)
-            if progress:
-                progress(len(rows))
-            if rows[-1] == layout.chunk_slice(ci).stop - 1:
-                chunk_feat = np.concatenate(feat_buf) if feat_buf else None
-                chunk_chan = np.concatenate(chan_buf) if chan_buf else None
-                pending.append(writer.submit(write, ci, np.concatenate(emb_buf), fail_buf, chunk_feat, chunk_chan))
-                emb_buf, feat_buf, chan_buf, fail_buf = [], [], [], []
-                for f in [f for f in pending if f.done()]:
-                    f.result()  # surface a write error now, not at the end
-                    pending.remove(f)
+        batches_iter: Any = None
+        try:
+            batches_iter = iter(loader)
+            while_workers_start()
+            side = time.perf_counter() - t_start
+            for rows, x, reasons in batches_iter:
+                received += 1
+                ci = rows[0] // layout.chunk_rows
+                bad = [i for i, r in enumerate(reasons) if r]
+                if each:  # (B, K, 3, H, W): every channel image through the model, K per row
+                    emb_k, feat_k = encoder.encode_images(x.reshape(-1, *x.shape[2:]), features)
+                    emb_k = emb_k.reshape(len(rows), each, -1)
+                    emb_k[bad] = 0.0
+                    chan_buf.append(emb_k)
+                    emb = combine_channels(emb_k)
+                    feat = feat_k.reshape(len(rows), each, -1).mean(axis=1) if feat_k is not None else None
+                else:
+                    emb, feat = encoder.encode_images(x, features)
+                emb[bad] = 0.0
+                emb_buf.append(emb)
+                if feat is not None:
+                    feat[bad] = 0.0
+                    feat_buf.append(feat)
+                fail_buf += reasons
+                rows_done += len(rows)
+                if progress:
+                    progress(len(rows))
+                if rows[-1] == layout.chunk_slice(ci).stop - 1:
+                    chunk_feat = np.concatenate(feat_buf) if feat_buf else None
+                    chunk_chan = np.concatenate(chan_buf) if chan_buf else None
+                    pending.append(writer.submit(write, ci, np.concatenate(emb_buf), fail_buf, chunk_feat, chunk_chan))
+                    emb_buf, feat_buf, chan_buf, fail_buf = [], [], [], []
+                    for f in [f for f in pending if f.done()]:
+                        f.result()  # surface a write error now, not at the end
+                        pending.remove(f)
+        except RuntimeError as exc:  # torch's report of a dead worker (from its SIGCHLD handler, or polling)
+            dead = _dead_workers(exc)
+            if dead is None:
+                raise
+            codes = _stop_workers(batches_iter)
+            batches_iter = None
+            raise LoaderWorkerDiedError(_worker_death(*dead, codes, dataset, sampler.dispatched[received:])) from None
     for f in pending:
         f.result()
     return rows_done, written, time.perf_counter() - t_start - side
@@ -460,7 +584,18 @@ def run_extraction(
         while True:
             if todo:
                 n, w, secs = _fill(
-                    run, encoder, ds, spec, todo, batch_size, num_workers, progress, encode_texts, claims, max_pixels
+                    run,
+                    encoder,
+                    ds,
+                    spec,
+                    todo,
+                    batch_size,
+                    num_workers,
+                    progress,
+                    encode_texts,
+                    claims,
+                    max_pixels,
+                    config.max_file_bytes,
                 )
                 rows_done, image_seconds, written = rows_done + n, image_seconds + secs, written + w
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +27,16 @@ from .errors import ImageDecodeError, UsageError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 BYTES_PER_PIXEL = 8  # decoded-size budget per allowed pixel: e.g. 4 channels of uint16, or 2 of float32
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9A-Fa-f]+>")
+
+
+def stable_message(exc: BaseException | str) -> str:
+    """An error's text without object reprs: PIL says `cannot identify image file <_io.BytesIO
+    object at 0x7f...>`, an address that differs in every process, and failure reasons are
+    stored, so two runs of one command must write the same bytes."""
+    return _OBJECT_REPR.sub("", str(exc))
 
 
 def check_size(height: int, width: int, decoded_bytes: int, max_pixels: int) -> None:
@@ -93,7 +104,7 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except ImageDecodeError:
         raise
     except Exception as exc:  # any decoder failure means one unreadable image, not a crash
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+        raise ImageDecodeError(f"cannot decode image: {stable_message(exc)}") from exc
     return _channels_last(np.asarray(arr))
 
 
@@ -252,6 +263,8 @@ def load_rgb(data: bytes, policy: IntensityPolicy, max_pixels: int = DEFAULT_MAX
     8-bit RGB and grayscale images (most JPEG/PNG files) take a fast path that skips the NumPy
     round trip; every policy leaves uint8 data unchanged, so the result is the same.
     """
+    if not data:
+        raise ImageDecodeError("empty image data")
     if data[:4] not in _TIFF_MAGIC:
         try:
             with _pil_open(data, max_pixels) as im:
@@ -261,7 +274,7 @@ def load_rgb(data: bytes, policy: IntensityPolicy, max_pixels: int = DEFAULT_MAX
         except ImageDecodeError:
             raise
         except Exception as exc:  # unreadable: same error as the general path
-            raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+            raise ImageDecodeError(f"cannot decode image: {stable_message(exc)}") from exc
     return to_rgb(decode_bytes(data, max_pixels), policy)
 
 
@@ -362,7 +375,7 @@ def decode_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ArraySou
     except ImageDecodeError:
         raise
     except Exception as exc:  # any decoder failure means one unreadable image, not a crash
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+        raise ImageDecodeError(f"cannot decode image: {stable_message(exc)}") from exc
     return ArraySource(_from_2d_or_channels_last(np.asarray(arr)))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ import numpy as np
 from .errors import UsageError
 
 EXACT = "Flat"
+
+
+def faiss_message(exc: BaseException) -> str:
+    """FAISS's own words, without the C++ signature and source line it prefixes them with."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
 
 
 def embeddings_hash(x: np.ndarray) -> str:
@@ -59,7 +66,7 @@ def build_index(x: np.ndarray, factory: str = EXACT, recall_sample: int = 1000, 
     try:
         index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"FAISS cannot build index {factory!r}: {faiss_message(exc)}") from None
     if not index.is_trained:
         if len(x) < getattr(index, "nlist", 1):
             raise UsageError(f"index {factory!r} needs at least {index.nlist} vectors to train; have {len(x)}")
@@ -97,6 +104,42 @@ def parse_factory(spec: str) -> tuple[str, str]:
     return factory, params.strip()
 
 
+CHECK_DIMS = (768, 512, 1024, 384, 256, 1536, 2048, 1280, 640, 1152, 128, 64)  # common embedding widths
+
+
+def check_factory(spec: str, option: str = "--knn-index") -> None:
+    """Refuse a `FACTORY[:PARAMS]` FAISS cannot build, before any work: a typo would otherwise
+    surface only once every unit has loaded its data (and then as a skipped head).
+
+    Cheap: it builds empty indexes. The gallery's width is not known yet, so a factory passes if
+    FAISS builds it for any common embedding width (one that needs another width, e.g. PQ7, is
+    refused later, per unit, by `ann_index`)."""
+    factory, params = parse_factory(spec)
+    if factory == EXACT and not params:
+        return
+    import faiss
+
+    index, why = None, ""
+    for d in CHECK_DIMS:
+        try:
+            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+            break
+        except RuntimeError as exc:
+            why = why or faiss_message(exc)
+            if "could not parse" in why:  # syntax: no width helps
+                break
+    examples = "e.g. Flat, IVF4096,Flat, HNSW32 or IVF4096,Flat:nprobe=64"
+    if index is None:
+        raise UsageError(f"{option} {spec!r}: FAISS cannot build this index ({why}); {examples}")
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise UsageError(
+                f"{option} {spec!r}: FAISS cannot set {params!r} on {factory} ({faiss_message(exc)}); {examples}"
+            ) from None
+
+
 def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
     """An approximate inner-product index over a gallery (array or RowView), added block by block.
 
@@ -113,7 +156,7 @@ def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
     try:
         index = faiss.index_factory(view.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"FAISS cannot build index {factory!r}: {faiss_message(exc)}") from None
     if not index.is_trained:
         nlist = _nlist(index)
         if len(view) < nlist:
@@ -131,7 +174,7 @@ def ann_index(gallery, spec: str, seed: int = 0, device: str | None = None):
         try:
             faiss.ParameterSpace().set_index_parameters(index, params)
         except RuntimeError as exc:
-            raise UsageError(f"FAISS index {factory!r}: cannot set {params!r} ({str(exc).splitlines()[0]})") from None
+            raise UsageError(f"FAISS index {factory!r}: cannot set {params!r} ({faiss_message(exc)})") from None
     if device and str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
         dev = int(str(device).partition(":")[2] or 0)
         _GPU.append(faiss.StandardGpuResources())  # must outlive the index
@@ -178,6 +221,8 @@ class IndexCache:
     def __init__(self, store_path: str | Path) -> None:
         from .locations import is_url
 
+        self.notes: list[str] = []  # what `get` had to repair (an unreadable cached index, ...)
+
         if is_url(store_path):  # an object store: indexes are a local cache ($XDG_CACHE_HOME/mubench_probe)
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(store_path))
             cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -191,17 +236,63 @@ class IndexCache:
         return self.root / f"{safe}.faiss", self.root / f"{safe}.json"
 
     def get(self, group: str, modality: str, x: np.ndarray, factory: str = EXACT):
-        """The saved index if it was built from exactly these vectors, else a fresh (saved) one."""
+        """The saved index if it was built from exactly these vectors, else a fresh (saved) one.
+
+        The files are a cache: one that cannot be read (damaged, truncated, another gallery's) is
+        rebuilt with a note in `notes`, never an error; a folder that cannot be written costs a
+        note and a rebuild next time, nothing else."""
+        fpath, jpath = self._paths(group, modality, factory)
+        if fpath.exists() or jpath.exists():
+            cached = self._load(fpath, jpath, x)
+            if cached is not None:
+                return (*cached, False)
+        index, info = build_index(x, factory)
+        self._save(index, info, fpath, jpath)
+        return index, info, True
+
+    def _load(self, fpath: Path, jpath: Path, x: np.ndarray):
+        """(index, info) if the saved pair is readable and was built from `x`; None to rebuild."""
         import faiss
 
-        fpath, jpath = self._paths(group, modality, factory)
-        h = embeddings_hash(x)
-        if fpath.exists() and jpath.exists():
-            info = IndexInfo(**json.loads(jpath.read_text()))
-            if info.embeddings_hash == h and info.rows == len(x):
-                return faiss.read_index(str(fpath)), info, False
-        index, info = build_index(x, factory)
-        self.root.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(index, str(fpath))
-        jpath.write_text(json.dumps(asdict(info), indent=2))
-        return index, info, True
+        try:
+            info = IndexInfo(**json.loads(jpath.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+            self.notes.append(f"cached index attributes {jpath} are unreadable ({_why(exc)}): index rebuilt")
+            return None
+        if info.embeddings_hash != embeddings_hash(x) or info.rows != len(x):
+            return None  # stale: built from other vectors
+        try:
+            index = faiss.read_index(str(fpath))
+        except (RuntimeError, OSError) as exc:  # FAISS reports a damaged file as a RuntimeError
+            self.notes.append(f"cached index {fpath} is unreadable ({_why(exc)}): index rebuilt")
+            return None
+        if index.ntotal != len(x) or index.d != x.shape[1]:
+            self.notes.append(
+                f"cached index {fpath} holds {index.ntotal} vectors of width {index.d}, not the "
+                f"{len(x)} of width {x.shape[1]} its attributes promise: index rebuilt"
+            )
+            return None
+        return index, info
+
+    def _save(self, index, info: IndexInfo, fpath: Path, jpath: Path) -> None:
+        """Write both files atomically (a killed search leaves no half-written index); best effort."""
+        import faiss
+
+        tmp = [p.with_name(f".{p.name}.{os.getpid()}.{os.urandom(4).hex()}") for p in (fpath, jpath)]
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(index, str(tmp[0]))
+            tmp[1].write_text(json.dumps(asdict(info), indent=2))
+            os.replace(tmp[0], fpath)
+            os.replace(tmp[1], jpath)
+        except (OSError, RuntimeError) as exc:
+            self.notes.append(f"could not save the index in {self.root} ({_why(exc)}): it is rebuilt for each query")
+        finally:
+            for p in tmp:
+                p.unlink(missing_ok=True)
+
+
+def _why(exc: BaseException) -> str:
+    return faiss_message(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"

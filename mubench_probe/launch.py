@@ -168,6 +168,16 @@ def _visible_gpus(index: int, per_shard: int) -> str:
     return ",".join(devices[(index * per_shard + j) % len(devices)] for j in range(per_shard))
 
 
+def _new_file(folder: Path, prefix: str, suffix: str, data: bytes) -> Path:
+    """A file of our own in `folder`, under a fresh name: created exclusively (O_EXCL) and never
+    through a link (O_NOFOLLOW), readable by this user only. Whatever the folder already holds
+    (a link planted there, a file a killed run left) is left alone, never written through."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)  # O_EXCL | O_NOFOLLOW, mode 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(name)
+
+
 def launch_local(
     jobs: Sequence[ShardJob], gpus_per_shard: int = 0, log_dir: str | Path | None = None, notify: NotifyFn | None = None
 ) -> Launch:
@@ -177,8 +187,7 @@ def launch_local(
     procs = []
     for job in jobs:
         i, n = job.shard
-        jobfile = folder / f"shard-{i}-of-{n}.pkl"
-        jobfile.write_bytes(pickle.dumps(job))
+        jobfile = _new_file(folder, f"shard-{i}-of-{n}-", ".pkl", pickle.dumps(job))
         env = dict(os.environ)
         if gpus_per_shard > 0:
             env["CUDA_VISIBLE_DEVICES"] = _visible_gpus(i, gpus_per_shard)

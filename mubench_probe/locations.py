@@ -9,16 +9,20 @@ and no hard links, so the store commits runs by an exclusive write of their meta
 
 Credentials and endpoints come from fsspec's usual configuration: environment variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., or `FSSPEC_S3='{"endpoint_url": ...}'`), or fsspec's
-config files. Listings are never cached: several machines write the same store.
+config files. Listings are never cached: several machines write the same store. Missing
+credentials (botocore's NoCredentialsError and its kin, which no filesystem turns into an
+OSError) become one StoreError that says how to provide them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import StoreError, UsageError
 
@@ -177,6 +181,75 @@ class LocalLocation(Location):
         return str(self.root)
 
 
+# Exception classes (by name, so that no cloud SDK is imported to check) meaning "no usable
+# credentials": botocore (s3fs), google-auth (gcsfs), azure-core / azure-identity (adlfs).
+CREDENTIAL_ERRORS = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "NoAuthTokenError",
+        "TokenRetrievalError",
+        "SSOError",
+        "ProfileNotFound",
+        "DefaultCredentialsError",
+        "RefreshError",
+        "ClientAuthenticationError",
+        "CredentialUnavailableError",
+    }
+)
+CREDENTIAL_HINTS = {
+    "s3": "set AWS_PROFILE (a profile in ~/.aws/credentials) or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    "(AWS_ENDPOINT_URL for MinIO/Ceph); a public bucket needs none: FSSPEC_S3='{\"anon\": true}'",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+    "`gcloud auth application-default login`",
+    "az": "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY",
+}
+CREDENTIAL_HINTS.update(
+    {
+        "s3a": CREDENTIAL_HINTS["s3"],
+        "gcs": CREDENTIAL_HINTS["gs"],
+        "abfs": CREDENTIAL_HINTS["az"],
+        "abfss": CREDENTIAL_HINTS["az"],
+    }
+)
+
+
+def credentials_error(exc: BaseException) -> BaseException | None:
+    """The missing-credentials error in `exc`'s chain (causes and contexts), if there is one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(cls.__name__ in CREDENTIAL_ERRORS for cls in type(e).__mro__):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _credentials_checked(method: F) -> F:
+    """Turn a cloud SDK's missing-credentials error (not an OSError, so a traceback otherwise) into a
+    StoreError saying how to provide them; every other error passes unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self: FsspecLocation, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            missing = credentials_error(exc)
+            if missing is None:
+                raise
+            raise StoreError(self.no_credentials(missing)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class FsspecLocation(Location):
     """Any fsspec filesystem; conditional creation uses the backend's `mode="create"` writes
     (S3 `If-None-Match: *`, supported by AWS S3, MinIO, Ceph RGW, moto; GCS and Azure likewise)."""
@@ -202,18 +275,30 @@ class FsspecLocation(Location):
     def path(self) -> str:
         return self.url
 
+    def no_credentials(self, exc: BaseException) -> str:
+        """One line: which URL, what the SDK said, and how to give credentials for its protocol."""
+        proto = self.url.split("://", 1)[0]
+        hint = CREDENTIAL_HINTS.get(
+            proto, f"configure them for fsspec's {proto}:// filesystem (FSSPEC_{proto.upper()})"
+        )
+        said = " ".join(str(exc).split()) or "no detail"
+        return f"{self.url}: no credentials for {proto}:// could be used ({type(exc).__name__}: {said}); {hint}"
+
     def _k(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def display(self, *parts: str) -> str:
         return "/".join([self.url, *[p for p in parts if p]])
 
+    @_credentials_checked
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self._k(rel)))
 
+    @_credentials_checked
     def is_dir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self._k(rel)))
 
+    @_credentials_checked
     def _ls(self, rel: str) -> list[dict[str, Any]]:
         try:
             return list(self.fs.ls(self._k(rel), detail=True))
@@ -226,25 +311,30 @@ class FsspecLocation(Location):
     def files(self, rel: str) -> list[str]:
         return sorted(e["name"].rsplit("/", 1)[-1] for e in self._ls(rel) if e["type"] != "directory")
 
+    @_credentials_checked
     def size(self, rel: str = "") -> int:
         try:
             return int(self.fs.du(self._k(rel), total=True))
         except FileNotFoundError:
             return 0
 
+    @_credentials_checked
     def read_bytes(self, rel: str) -> bytes | None:
         try:
             return bytes(self.fs.cat_file(self._k(rel)))
         except FileNotFoundError:
             return None
 
+    @_credentials_checked
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._k(rel), data)
 
+    @_credentials_checked
     def write_many(self, files: dict[str, bytes]) -> None:
         if files:
             self.fs.pipe({self._k(rel): data for rel, data in files.items()})
 
+    @_credentials_checked
     def create(self, rel: str, data: bytes) -> bool:
         try:
             self.fs.pipe_file(self._k(rel), data, mode="create")
@@ -258,12 +348,14 @@ class FsspecLocation(Location):
             ) from None
         return True
 
+    @_credentials_checked
     def delete(self, rel: str) -> None:
         try:
             self.fs.rm_file(self._k(rel))
         except FileNotFoundError:
             return
 
+    @_credentials_checked
     def rmtree(self, rel: str) -> None:
         try:
             self.fs.rm(self._k(rel), recursive=True)

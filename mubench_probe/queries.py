@@ -1,7 +1,9 @@
 """Queries against a store: text->image, image->image and image->text.
 
 New query texts or images need the model; it is reloaded from the store's provenance and must
-reproduce the stored weights hash and preprocessing exactly, or the query is refused.
+reproduce the stored weights hash and preprocessing exactly, or the query is refused. A query
+text longer than the model's context is truncated by its tokenizer, as every CLIP model does;
+the result says so (`notes`, and the token counts in `query`) instead of hiding it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class SearchResult:
     query: dict[str, Any]
     hits: list[dict[str, Any]]
     index: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know: a truncated query, a rebuilt index
 
 
 def pick_run(store: EmbeddingStore, model: str | None, dataset: str | None = None) -> Run:
@@ -110,15 +113,42 @@ def search_store(
     if (text is not None or to == "text") and not run.has_text:
         what = "it cannot embed a text query" if text is not None else "it has no text embeddings to search"
         raise UsageError(f"{run.model_spec} is image-only: {what}")
-    q, query = query_vector(run, arrays, text=text, image=image, row=row, device=device)
-    vectors, ids, idx_obj, info = gallery(st, run, arrays, to, where, index)
-    return SearchResult({**query, "model": run.model_spec}, hits(arrays, q, vectors, ids, idx_obj, to, k, where), info)
+    notes: list[str] = []
+    q, query = query_vector(run, arrays, text=text, image=image, row=row, device=device, notes=notes)
+    vectors, ids, idx_obj, info = gallery(st, run, arrays, to, where, index, notes=notes)
+    found = hits(arrays, q, vectors, ids, idx_obj, to, k, where)
+    return SearchResult({**query, "model": run.model_spec}, found, info, notes)
+
+
+def text_tokens(enc: Any, text: str) -> tuple[int, int] | None:
+    """(tokens in `text`, tokens the model reads of it), start and end tokens included; None when
+    the encoder's tokenizer cannot tell (the count for Hugging Face tokenizers is approximate)."""
+    tok, ctx = getattr(enc, "tokenizer", None), enc.info.context_length
+    if tok is None or not ctx:
+        return None
+    if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's CLIP BPE tokenizer
+        n = len(tok.encode(text)) + 2
+    elif callable(getattr(tok, "tokenizer", None)):  # open_clip's wrappers of Hugging Face tokenizers
+        clean = getattr(tok, "clean_fn", None)
+        n = len(tok.tokenizer(clean(text) if callable(clean) else text)["input_ids"])
+    else:
+        return None
+    return n, min(n, int(ctx))
 
 
 def query_vector(
-    run: Run, arrays: RunArrays, *, text: str | None, image: str | Path | None, row: int | None, device: str | None
+    run: Run,
+    arrays: RunArrays,
+    *,
+    text: str | None,
+    image: str | Path | None,
+    row: int | None,
+    device: str | None,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The normalised query: a stored row as is, or a new text or image encoded by the run's own model."""
+    """The normalised query: a stored row as is, or a new text or image encoded by the run's own model.
+
+    A text query reports its length in tokens and how many the model kept; a truncated one adds a note."""
     if row is not None:
         if not 0 <= row < run.layout.n_rows:
             raise UsageError(f"--row must be in 0..{run.layout.n_rows - 1}")
@@ -128,7 +158,16 @@ def query_vector(
         return arrays.x[row], {"row": row}
     enc = matching_encoder(run, device)
     if text is not None:
-        return l2_normalize(enc.encode_texts([text]))[0], {"text": text}
+        query: dict[str, Any] = {"text": text}
+        counted = text_tokens(enc, text)
+        if counted is not None:
+            query["tokens"], query["tokens_kept"] = counted
+            if counted[0] > counted[1] and notes is not None:
+                notes.append(
+                    f"the query text is longer than {run.model_spec} reads: kept {counted[1]} of {counted[0]} "
+                    "tokens (its start); the rest was ignored"
+                )
+        return l2_normalize(enc.encode_texts([text]))[0], query
     from .imaging import load_rgb
 
     path = Path(str(image))
@@ -139,22 +178,34 @@ def query_vector(
 
 
 def gallery(
-    st: EmbeddingStore, run: Run, arrays: RunArrays, to: str, where: list[str] | None, index: str
+    st: EmbeddingStore,
+    run: Run,
+    arrays: RunArrays,
+    to: str,
+    where: list[str] | None,
+    index: str,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]]:
     """What is searched: (vectors, their row or text ids, a FAISS index over them, the index's info).
 
-    Texts and the whole image gallery use the index saved beside the store (rebuilt when stale);
-    a `--where`-filtered gallery gets its own index, built on the fly.
+    Texts and the whole image gallery use the index saved beside the store (rebuilt when stale or
+    unreadable; `notes` gets a line when it was damaged); a `--where`-filtered gallery gets its
+    own index, built on the fly.
     """
+    cache = IndexCache(st.path)
     if to == "text":
-        idx_obj, info, _ = IndexCache(st.path).get(run.path, "text", arrays.text_emb, EXACT)
+        idx_obj, info, _ = cache.get(run.path, "text", arrays.text_emb, EXACT)
+        if notes is not None:
+            notes += cache.notes
         return arrays.text_emb, np.arange(len(arrays.texts)), idx_obj, info.__dict__
     emb = arrays.x
     if where:
         ids = np.flatnonzero(_gallery_mask(arrays, parse_where(where)))
         idx_obj, info = build_index(emb[ids], index)
         return emb[ids], ids, idx_obj, info.__dict__
-    idx_obj, info, _ = IndexCache(st.path).get(run.path, "image", emb, index)
+    idx_obj, info, _ = cache.get(run.path, "image", emb, index)
+    if notes is not None:
+        notes += cache.notes
     return emb, np.arange(len(emb)), idx_obj, info.__dict__
 
 

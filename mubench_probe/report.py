@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import html
+import os
+import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,11 +17,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+# C0 and C1 controls, DEL, line/paragraph separators and bidi controls: what can move a terminal's
+# cursor, retitle its window, clear it, or reorder the text a person reads
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: Any, keep_newlines: bool = False) -> str:
+    """`text` as it may be shown to a person: every control character becomes visible escape text
+    (ESC -> `\\x1b`, newline -> `\\n` unless `keep_newlines`), so data (a label, a column or
+    model name, a path) can never drive a terminal or garble a figure; everything else is kept."""
+
+    def visible(m: re.Match[str]) -> str:
+        c = m.group()
+        if c == "\n" and keep_newlines:
+            return c
+        return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _CONTROLS.sub(visible, str(text))
+
+
+def _private_mpl_config() -> None:
+    """Point matplotlib's config and font cache at a folder of this process, removed at exit.
+
+    Without it matplotlib writes `~/.config/matplotlib` and `~/.cache/matplotlib` (or under
+    XDG_*): a report must write its own files only. An MPLCONFIGDIR the user set is kept, and so
+    is the folder of a matplotlib that is already imported (its folders are fixed at import).
+    """
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="mubench-mpl-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["MPLCONFIGDIR"] = folder
+
 
 def _plt():
+    _private_mpl_config()
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # a '$' in a label is text, not mathtext that may not parse
     import matplotlib.pyplot as plt
 
     return plt
@@ -189,7 +230,7 @@ def contact_sheet(images: Sequence[bytes], captions: Sequence[str], path: Path, 
         ax.axis("off")
     for ax, data, cap in zip(axes.ravel(), images, captions, strict=False):
         ax.imshow(load_rgb(data, pol))
-        ax.set_title(cap, fontsize=7)
+        ax.set_title(printable(cap), fontsize=7)
     fig.tight_layout(pad=1.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -206,38 +247,70 @@ def build_report(
     color_by: Sequence[str],
     k: int,
 ) -> tuple[Path, list[Path]]:
-    """Every figure of a comparison (PNGs in `<report>_figures/`) and the HTML file that inlines them."""
+    """Every figure of a comparison (PNGs in `<report>_figures/`) and the HTML file that inlines them.
+
+    These two are all it writes. Figure names are fixed or numbered (`map_<i>_<j>.png`: the i-th
+    model coloured by the j-th column), never made of user text; user text drawn in a figure has
+    its control characters made visible. Figures are drawn in a private folder and renamed into place, and the HTML is
+    written beside its path and renamed over it, so a link planted at either is replaced, never
+    followed, and an interrupted report never leaves a half-written file.
+    """
+    from .errors import UsageError
+
     figdir = out.with_name(out.stem + "_figures")
+    if figdir.is_symlink():
+        raise UsageError(f"{figdir} is a symbolic link: the report's figures need a folder of their own")
     figdir.mkdir(parents=True, exist_ok=True)
-    named = [
-        ("Perception vs. alignment", perception_vs_alignment(table, figdir / "zs_vs_lp.png")),
-        ("Models x tasks", heatmap(table, figdir / "heatmap.png")),
-        (
-            "Representation similarity: CKA",
-            matrix_plot(result.cka, "linear CKA of image embeddings", figdir / "cka.png"),
-        ),
-        (
-            "Representation similarity: mutual kNN",
-            matrix_plot(result.mutual_knn, f"mutual kNN (k={k}) of image embeddings", figdir / "mutual_knn.png"),
-        ),
-        (
-            "Text prototypes: CKA",
-            matrix_plot(result.text_cka, "linear CKA of class-prompt text prototypes", figdir / "text_cka.png"),
-        ),
-        ("Weight interpolation: accuracy vs alpha", alpha_curve(table, figdir / "alpha_curve.png")),
-        ("Calibration: reliability diagrams", reliability_diagram(table, figdir / "reliability.png")),
-    ]
-    for i, (model, x) in enumerate(embeddings.items()):
-        for column in color_by:
-            path = embedding_map(x, list(meta[column]), model, figdir / f"map_{i}_{column}.png", color_by=column)
-            named.append((f"Image embeddings: {model}, by {column}", path))
-    sections: list[tuple[str, Path | pd.DataFrame]] = [(h, p) for h, p in named if p is not None]
-    sections += [
-        ("Accuracy side by side (value, 95% CI)", result.side_by_side),
-        ("Paired differences (bootstrap CI) and McNemar tests", result.pairwise),
-    ]
-    figures = [p for _, p in named if p is not None]
-    return write_html(out, title, sections), figures
+    shown = _printable_frame(table, ("model", "task", "dataset", "head", "stratum"))
+    cka, mknn, text_cka = (
+        m.rename(index=_shown, columns=_shown) for m in (result.cka, result.mutual_knn, result.text_cka)
+    )
+    with tempfile.TemporaryDirectory(prefix=".drawing-", dir=figdir) as tmp:
+        draw = Path(tmp)
+        named = [
+            ("Perception vs. alignment", perception_vs_alignment(shown, draw / "zs_vs_lp.png")),
+            ("Models x tasks", heatmap(shown, draw / "heatmap.png")),
+            ("Representation similarity: CKA", matrix_plot(cka, "linear CKA of image embeddings", draw / "cka.png")),
+            (
+                "Representation similarity: mutual kNN",
+                matrix_plot(mknn, f"mutual kNN (k={k}) of image embeddings", draw / "mutual_knn.png"),
+            ),
+            (
+                "Text prototypes: CKA",
+                matrix_plot(text_cka, "linear CKA of class-prompt text prototypes", draw / "text_cka.png"),
+            ),
+            ("Weight interpolation: accuracy vs alpha", alpha_curve(shown, draw / "alpha_curve.png")),
+            ("Calibration: reliability diagrams", reliability_diagram(shown, draw / "reliability.png")),
+        ]
+        for i, (model, x) in enumerate(embeddings.items()):
+            for j, column in enumerate(color_by):
+                labels = [_shown(v) for v in meta[column]]
+                path = embedding_map(x, labels, printable(model), draw / f"map_{i}_{j}.png", color_by=printable(column))
+                named.append((f"Image embeddings: {model}, by {column}", path))
+        sections: list[tuple[str, Path | pd.DataFrame]] = [(h, p) for h, p in named if p is not None]
+        sections += [
+            ("Accuracy side by side (value, 95% CI)", result.side_by_side),
+            ("Paired differences (bootstrap CI) and McNemar tests", result.pairwise),
+        ]
+        page = write_html(out, title, sections)
+        figures = []
+        for _, p in named:
+            if p is not None:
+                os.replace(p, figdir / p.name)
+                figures.append(figdir / p.name)
+    return page, figures
+
+
+def _shown(value: Any) -> Any:
+    """A string made printable; any other value as it is."""
+    return printable(value) if isinstance(value, str) else value
+
+
+def _printable_frame(table: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """`table` with the text of `columns` (default: every cell, label and header) made printable."""
+    if columns is not None:
+        return table.assign(**{c: table[c].map(_shown) for c in columns if c in table})
+    return table.apply(lambda col: col.map(_shown)).rename(index=_shown, columns=_shown)
 
 
 def _img(path: Path) -> str:
@@ -246,25 +319,47 @@ def _img(path: Path) -> str:
 
 
 def write_html(path: Path, title: str, sections: Sequence[tuple[str, str | Path | pd.DataFrame]]) -> Path:
-    """One HTML file: headings, inlined PNGs and tables; no external assets."""
+    """One HTML file: headings, inlined PNGs and tables; no external assets.
+
+    Every user string is HTML-escaped (title and headings here, table cells and headers by pandas)
+    and its control characters made visible (no bidi override can reorder what a reader sees).
+    """
+
+    def text(value: str) -> str:
+        return html.escape(printable(value))
+
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{text(title)}</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
         "figure{margin:1em 0}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<h1>{text(title)}</h1>",
     ]
     for heading, body in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(f"<h2>{text(heading)}</h2>")
         if isinstance(body, Path):
             parts.append(_img(body))
         elif isinstance(body, pd.DataFrame):
-            parts.append(body.to_html(float_format=lambda v: f"{v:.3f}", na_rep="–"))
+            parts.append(_printable_frame(body).to_html(float_format=lambda v: f"{v:.3f}", na_rep="–", escape=True))
         else:
-            parts.append(f"<p>{html.escape(str(body))}</p>")
+            parts.append(f"<p>{text(str(body))}</p>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts))
+    _replace_file(path, "\n".join(parts).encode("utf-8"))
     return path
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a new file beside it (exclusive create, never through a
+    link), renamed over it. A link planted at `path` is replaced, its target left alone."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 ALPHA_GROUPS = (

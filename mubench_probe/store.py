@@ -10,12 +10,19 @@ Layout of a run group `MODEL/DATASET/SPLIT`:
   meta/<column>      label and metadata columns ("" / NaN for missing)
   captions/<key>/options (N, K) indices into texts (-1 = padding), captions/<key>/answer (N,)
   texts (T,), text_emb (T, D) every unique text the heads need (caption options, class prompts)
+  chunk_digest (chunks,) per row chunk, digests binding its arrays' values to their position
 
 Integrity. Every chunk is zstd-compressed with a frame checksum and guarded by CRC32C, and every
 written chunk has a file (empty chunks are written too), so a chunk flagged done must exist:
 its absence is detected from the store's listing, never read as Zarr's fill value. The group
 attributes hold the provenance with its sha256 digest and a digest of the text table and prompt
 plan; `done/zarr.json` keeps a copy of both, from which a damaged group `zarr.json` is rebuilt.
+Checksums prove bytes, not place or meaning: the per-chunk digests, the metadata digest in the
+provenance and the caption digests (see `store_integrity.py`) catch swapped chunks and metadata
+rewritten through Zarr; runs written before them verify with a note. When the group's provenance
+and its copy disagree, the one that matches the arrays and the reloaded model and dataset wins.
+A repair marks each chunk it clears in `chunk_digest` first, so a killed repair stays reported;
+temporary `.partial` files of killed writes are reported and removed.
 A run is created under `.creating/` and renamed into place, so it appears complete or not at
 all. Claims of concurrent writers live in `.claims/` (see `claims.py`); neither is a Zarr node.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -59,12 +67,34 @@ from zarr.core.sync import sync
 from .claims import DEFAULT_CLAIM_TIMEOUT, HOST, ChunkClaims, pid_alive
 from .errors import CorruptChunkError, ProvenanceMismatchError, StoreDamageError, StoreError
 from .locations import LocalLocation, Location, location
+from .store_integrity import (
+    CHUNK_DIGEST,
+    DIGESTS_VERSION,
+    REPAIR_MARK,
+    captions_digests,
+    chunk_digest,
+    columns_digest,
+    creator_pid,
+    decode_record,
+    encode_record,
+    group_problem,
+    is_partial,
+    legacy_note,
+    meta_columns,
+    meta_digest,
+    metadata_difference,
+    old_enough,
+    partial_target,
+    repair_record,
+    started_after,
+)
 
 FORMAT_VERSION = 2
 DEFAULT_STORE = Path("stores") / "default.zarr"
 CREATING = ".creating"  # runs being built, renamed into place when complete
 CLAIMS = ".claims"  # per-chunk claims of concurrent writers
 ROW_ARRAYS = ("image_emb", "features", "failure", "channel_emb")  # chunked like the rows; one chunk per done flag
+_PER_CHUNK = (*ROW_ARRAYS, CHUNK_DIGEST)  # arrays with one chunk file per done row chunk
 # Keys of the provenance that must agree before new rows join an existing group.
 IDENTITY_KEYS = (
     "model_spec",
@@ -73,6 +103,7 @@ IDENTITY_KEYS = (
     "preprocess",
     "intensity_policy",
     "max_pixels",
+    "max_file_bytes",  # only when not the default: files over it are failed rows (like max_pixels)
     "dataset_format",
     "dataset_id",
     "dataset_revision",
@@ -219,17 +250,24 @@ def _delete_key(group: zarr.Group, key: str) -> None:
 
 
 def _group_attrs(
-    provenance: dict[str, Any], prompts: Mapping[str, Any], caption_keys: Sequence[str], texts_done: bool
+    provenance: dict[str, Any],
+    prompts: Mapping[str, Any],
+    caption_keys: Sequence[str],
+    texts_done: bool,
+    captions_sha256: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The run group's attributes, always in this order (so a rebuilt zarr.json is byte-identical)."""
-    return {
+    attrs: dict[str, Any] = {
         "provenance": provenance,
         "provenance_sha256": digest(provenance),
         "prompts": dict(prompts),
         "caption_keys": list(caption_keys),
         "texts_sha256": None,
-        "texts_done": texts_done,
     }
+    if captions_sha256 is not None:  # runs written before the caption digests have none
+        attrs["captions_sha256"] = dict(captions_sha256)
+    attrs["texts_done"] = texts_done
+    return attrs
 
 
 def texts_digest(texts: Sequence[str], prompts: Mapping[str, Any], caption_keys: Sequence[str]) -> str:
@@ -246,7 +284,15 @@ def _record_ok(record: Any) -> bool:
 
 def _backup(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What done/zarr.json keeps of the group attributes (everything but the texts_done flag)."""
-    return {k: attrs.get(k) for k in ("provenance", "provenance_sha256", "prompts", "caption_keys", "texts_sha256")}
+    out = {k: attrs.get(k) for k in ("provenance", "provenance_sha256", "prompts", "caption_keys", "texts_sha256")}
+    if "captions_sha256" in attrs:
+        out["captions_sha256"] = attrs["captions_sha256"]
+    return out
+
+
+def _digested(provenance: Mapping[str, Any]) -> bool:
+    """Whether a run records chunk, metadata and caption digests (runs written before them do not)."""
+    return provenance.get("digests") == DIGESTS_VERSION
 
 
 class Run:
@@ -258,6 +304,7 @@ class Run:
         self.store_path = self.loc.path  # a Path for a folder, the URL for an object store
         self.repairs: list[str] = []  # what prepare_run repaired when it reopened this run
         self._intact = False
+        self._records: dict[int, dict[str, str]] | None = None  # digests of done chunks, read once
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -297,6 +344,15 @@ class Run:
         return self.provenance.get("model_spec", "")
 
     @property
+    def digested(self) -> bool:
+        """Whether this run records chunk, metadata and caption digests (runs written before do not)."""
+        return _digested(self.provenance)
+
+    def notes(self) -> list[str]:
+        """What verify says without failing the run: a run written before the digests."""
+        return [] if not self.provenance_ok or self.digested else [legacy_note(self.path)]
+
+    @property
     def has_text(self) -> bool:
         return bool(self.provenance.get("has_text"))
 
@@ -306,6 +362,18 @@ class Run:
         return RunLayout(
             p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"), p.get("channel_emb") or 0
         )
+
+    def fits(self, provenance: Mapping[str, Any]) -> bool:
+        """Whether the stored image_emb array has the layout this provenance gives (True if it cannot tell)."""
+        p = provenance
+        try:
+            lay = RunLayout(p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"))
+            arr = self.group["image_emb"]
+            want = _layout_metadata("image_emb", lay)
+        except (*_DAMAGE, StoreError):
+            return True
+        stored = arr.metadata.to_dict()
+        return metadata_difference(stored, want) is None and tuple(stored["shape"]) == tuple(want["shape"])
 
     def record(self) -> dict[str, Any] | None:
         """Provenance, prompt plan and texts digest if they pass the digest: from the group, else its copy."""
@@ -324,6 +392,7 @@ class Run:
     def reload(self) -> None:
         """Re-read the group metadata (another writer may have changed its attributes)."""
         self.group = zarr.open_group(self.group.store, path=self.path, mode="r+", zarr_format=3)
+        self._records = None
 
     def _update_attrs(self, **kw: Any) -> None:
         self.reload()
@@ -354,7 +423,14 @@ class Run:
                 + f"; {repair_hint(self.store_path)}"
             ) from None
 
-    def _damaged_chunks(self, arr: zarr.Array, name: str, only: set[tuple[int, ...]] | None = None) -> list[Damage]:
+    def _damaged_chunks(
+        self,
+        arr: zarr.Array,
+        name: str,
+        only: set[tuple[int, ...]] | None = None,
+        records: Mapping[int, Mapping[str, str]] | None = None,
+    ) -> list[Damage]:
+        """Chunks that fail their checksum, or (row arrays, with `records`) the digest of their position."""
         out = []
         present = _stored_keys(arr)
         for idx, sel in _chunk_grid(arr):
@@ -362,7 +438,11 @@ class Run:
             if key not in present or (only is not None and idx not in only):
                 continue
             try:
-                arr[sel]
+                values = arr[sel]
+                want = records.get(idx[0]) if records is not None and name in ROW_ARRAYS else None
+                if want is not None and want.get(name) != chunk_digest(self.path, name, key, values):
+                    what = f"chunk {'.'.join(map(str, idx))} (file {name}/{key}) " + _UNBOUND
+                    out.append(Damage(f"{self.path}/{name}", what, "chunk", name, idx[0]))
             except _DAMAGE as exc:
                 fix, chunk = _fix_for(name), (idx[0] if name in (*ROW_ARRAYS, "done") else None)
                 out.append(
@@ -408,23 +488,45 @@ class Run:
         features: np.ndarray | None = None,
         channel_emb: np.ndarray | None = None,
     ) -> None:
-        """Write one whole row chunk, then flag it done (a crash before the flag redoes it)."""
-        sl = self.layout.chunk_slice(ci)
+        """Write one whole row chunk, then its digests, then flag it done (a crash before the flag redoes it)."""
+        lay = self.layout
+        sl = lay.chunk_slice(ci)
         if emb.shape[0] != sl.stop - sl.start:
             raise StoreError(f"chunk {ci} expects {sl.stop - sl.start} rows, got {emb.shape[0]}")
-        if (channel_emb is None) != (self.layout.channels == 0):
+        if (channel_emb is None) != (lay.channels == 0):
             raise StoreError(f"chunk {ci}: per-channel embeddings are {'missing' if channel_emb is None else 'extra'}")
-        self._writable("image_emb")[sl] = emb.astype(self.layout.dtype)
+        rows = {"image_emb": emb.astype(lay.dtype)}
         if features is not None and "features" in self.group:
-            self._writable("features")[sl] = features.astype(self.layout.dtype)
+            rows["features"] = features.astype(lay.dtype)
         if channel_emb is not None:
-            self._writable("channel_emb")[sl] = channel_emb.astype(self.layout.dtype)
-        self._writable("failure")[sl] = _str_array(list(failures))
+            rows["channel_emb"] = channel_emb.astype(lay.dtype)
+        rows["failure"] = _str_array(list(failures))
+        digested, digests = self.digested, {}
+        self._records = None  # the digests read for evaluation, if any, are read again
+        for name, values in rows.items():
+            arr = self._writable(name)
+            arr[sl] = values
+            if digested:
+                digests[name] = chunk_digest(self.path, name, _row_key(arr, ci), values)
+        if digested:
+            self._writable(CHUNK_DIGEST)[ci] = encode_record(digests)
         self._writable("done")[ci] = True
 
     def clear_done(self, ci: int) -> None:
         """Mark a chunk for re-extraction (its data were found missing or damaged)."""
         self._writable("done")[ci] = False
+
+    def _clear_for_repair(self, ci: int, why: str) -> None:
+        """Clear a damaged chunk's flag, marking it first in chunk_digest: until it is extracted again
+        the run is damaged, not merely incomplete, even if this process is killed right after."""
+        if self.digested:
+            arr = self._writable(CHUNK_DIGEST)
+            current = None
+            with contextlib.suppress(*_DAMAGE):  # an unreadable entry is simply replaced
+                current = decode_record(_to_str(arr[ci : ci + 1])[0])
+            if not (current and REPAIR_MARK in current):  # a repair resumed keeps the first reason
+                arr[ci] = repair_record(why)
+        self.clear_done(ci)
 
     def write_text_embeddings(self, emb: np.ndarray) -> None:
         if emb.shape[0] != self._array("texts").shape[0]:
@@ -461,10 +563,41 @@ class Run:
         step = max(cr, READ_BLOCK_BYTES // max(d * arr.dtype.itemsize, 1) // cr * cr)
         for s in range(0, n, step):
             block = out[s : s + step]
-            block[:] = self._read(name, (slice(s, s + step), *tail))
+            raw = self._read(name, (slice(s, s + step), *tail))
+            if not tail:  # whole chunks: check each against the digest of its position
+                self._check_rows(name, s, raw)
+            block[:] = raw
             if normalize:
                 normalize_rows(block)
         return out
+
+    def _chunk_records(self) -> dict[int, dict[str, str]]:
+        """The recorded digests of every done chunk (read once; empty for runs written before them)."""
+        if self._records is None:
+            records: dict[int, dict[str, str]] = {}
+            if self.digested:
+                entries = _to_str(self._read(CHUNK_DIGEST))
+                for ci in np.flatnonzero(self.done_mask()):
+                    record = decode_record(entries[ci])
+                    if record is not None and REPAIR_MARK not in record:
+                        records[int(ci)] = record
+            self._records = records
+        return self._records
+
+    def _check_rows(self, name: str, start: int, values: np.ndarray) -> None:
+        """Refuse rows read for evaluation whose chunk is not the one extracted at that position."""
+        records = self._chunk_records()
+        if not records:
+            return
+        arr, cr = self._array(name), self.layout.chunk_rows
+        for ci in range(start // cr, -(-(start + len(values)) // cr)):
+            want, key = records.get(ci, {}).get(name), _row_key(arr, ci)
+            rows = values[ci * cr - start : (ci + 1) * cr - start]
+            if want is not None and chunk_digest(self.path, name, key, rows) != want:
+                raise CorruptChunkError(
+                    f"{self.store_path}/{self.path}/{name} chunk {ci}.{'.'.join(['0'] * (arr.ndim - 1))} "
+                    f"(file {name}/{key}) {_UNBOUND}; {repair_hint(self.store_path)}"
+                )
 
     @property
     def channel_labels(self) -> list[str]:
@@ -481,7 +614,11 @@ class Run:
 
     def features(self) -> np.ndarray | None:
         self.require_intact()
-        return np.asarray(self._read("features"), np.float32) if "features" in self.group else None
+        if "features" not in self.group:
+            return None
+        raw = self._read("features")
+        self._check_rows("features", 0, raw)
+        return np.asarray(raw, np.float32)
 
     def failures(self) -> dict[int, str]:
         self.require_intact()
@@ -495,7 +632,9 @@ class Run:
     def valid_mask(self) -> np.ndarray:
         """Rows that were extracted and whose image was readable."""
         self.require_intact()
-        ok = _to_str(self._read("failure")) == ""
+        failure = self._read("failure")
+        self._check_rows("failure", 0, failure)
+        ok = _to_str(failure) == ""
         done = np.repeat(self.done_mask(), self.layout.chunk_rows)[: self.layout.n_rows]
         return ok & done
 
@@ -519,8 +658,10 @@ class Run:
         self.require_intact()
         g = self.group["meta"]
         cols: dict[str, Any] = {}
-        for name in g.attrs.get("columns", []):
-            values = self._read(f"meta/{name}")
+        stored = [(str(name), self._read(f"meta/{name}")) for name in g.attrs.get("columns", [])]
+        if self.digested and columns_digest(stored) != self.provenance.get("meta_sha256"):
+            raise StoreDamageError(f"{self.file('meta')} {_META_FORGED}; {repair_hint(self.store_path)}")
+        for name, values in stored:
             if values.dtype == _STR or str(values.dtype).startswith("Str"):
                 s = pd.Series(_to_str(values), dtype=object)
                 cols[name] = s.where(s != "", None)
@@ -534,7 +675,14 @@ class Run:
     def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(options (N, K) text indices with -1 padding, answer (N,) with -1 for null entries)."""
         self.require_intact()
-        return np.asarray(self._read(f"captions/{key}/options")), np.asarray(self._read(f"captions/{key}/answer"))
+        options, answer = (
+            np.asarray(self._read(f"captions/{key}/options")),
+            np.asarray(self._read(f"captions/{key}/answer")),
+        )
+        want = (self.group.attrs.get("captions_sha256") or {}).get(key) if self.digested else None
+        if want is not None and captions_digests({key: (options, answer)})[key] != want:
+            raise StoreDamageError(f"{self.file('captions', key)} {_CAPTIONS_FORGED}; {repair_hint(self.store_path)}")
+        return options, answer
 
     def prompts(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("prompts", {}))
@@ -556,6 +704,8 @@ class Run:
             out["features"] = ((n, lay.feature_dim), (cr, lay.feature_dim))
         if lay.channels:
             out["channel_emb"] = ((n, lay.channels, d), (cr, lay.channels, d))
+        if self.digested:
+            out[CHUNK_DIGEST] = ((lay.n_chunks,), (1,))
         for col in self.provenance.get("meta_columns", []):
             out[f"meta/{col}"] = ((n,), (max(n, 1),))
         for key in self.caption_keys():
@@ -565,7 +715,8 @@ class Run:
 
     def check(self, deep: bool = False) -> list[Damage]:
         """Every integrity problem of the run. Cheap by default (metadata, digests, the listing of
-        chunk files against the done flags); `deep` also reads every chunk to test its checksum."""
+        chunk files against the done flags); `deep` also reads every chunk to test its checksum and
+        the digest of its position, the metadata and caption digests, and lists leftover files."""
         if not self.provenance_ok:
             return [Damage(self.path, "zarr.json: provenance does not match its sha256 digest (edited?)", "provenance")]
         out: list[Damage] = []
@@ -585,31 +736,151 @@ class Run:
                 what = f"zarr.json does not match the run's layout (shape {arr.shape}, chunks {arr.chunks})"
                 out.append(Damage(node, what, _fix_for(name), name))
                 continue
+            differs = self._metadata_difference(name, arr)
+            if differs:
+                out.append(Damage(node, f"zarr.json does not match the run's layout ({differs})", _fix_for(name), name))
+                continue
             arrays[name] = arr
         try:
             if self.group["meta"].attrs.get("columns") != self.provenance.get("meta_columns"):
                 out.append(
                     Damage(f"{self.path}/meta", "zarr.json: the column list differs from the provenance", "meta")
                 )
+            elif why := group_problem(self.loc.read_bytes(f"{self.path}/meta/zarr.json"), attributes=True):
+                out.append(Damage(f"{self.path}/meta", f"zarr.json {why}", "meta"))
         except _DAMAGE as exc:
             out.append(Damage(f"{self.path}/meta", f"zarr.json is unreadable ({_why(exc)})", "meta"))
+        out += self._check_groups()
         done = np.zeros(self.layout.n_chunks, dtype=bool)
         if "done" in arrays:
             done, bad = self._check_done(arrays["done"])
             out += bad
             if self.backup_record() != _backup(self.group.attrs.asdict()):
                 out.append(Damage(f"{self.path}/done", "zarr.json: the copy of the provenance differs", "backup"))
+        records, bad = self._check_records(arrays, done, deep)
+        out += bad
         out += self._check_listing(arrays, done)
         if "texts" in arrays and "text_emb" in arrays:
             out += self._check_texts(arrays, deep)
         if deep:
             for name, arr in arrays.items():
-                if name == "done":
+                if name in ("done", CHUNK_DIGEST):
                     continue  # read chunk by chunk above
                 only = (
                     {(int(ci),) + (0,) * (arr.ndim - 1) for ci in np.flatnonzero(done)} if name in ROW_ARRAYS else None
                 )
-                out += self._damaged_chunks(arr, name, only)
+                out += self._damaged_chunks(arr, name, only, records if self.digested else None)
+            out += self._check_rows_digests(arrays)
+            out += self._leftovers()
+        return out
+
+    def _metadata_difference(self, name: str, arr: zarr.Array) -> str | None:
+        """How an array's data type or codecs differ from what the provenance's layout gives."""
+        if name in (*ROW_ARRAYS, "done", CHUNK_DIGEST):
+            return metadata_difference(arr.metadata.to_dict(), _layout_metadata(name, self.layout))
+        want = {"text_emb": np.dtype(self.layout.dtype).name, "row_index": "int64"}.get(name)
+        got = str(arr.metadata.to_dict().get("data_type"))
+        return f"data_type {got}, provenance says {want}" if want is not None and got != want else None
+
+    def _check_groups(self) -> list[Damage]:
+        """The caption groups (captions, one per caption key) must be plain group metadata."""
+        keys = self.caption_keys()
+        out = []
+        for rel in ["captions", *(f"captions/{k}" for k in keys)] if keys else []:
+            why = group_problem(self.loc.read_bytes(f"{self.path}/{rel}/zarr.json"), attributes=True)
+            if why is not None:
+                out.append(Damage(f"{self.path}/{rel}", f"zarr.json {why}", "texts"))
+        return out
+
+    def _check_records(
+        self, arrays: Mapping[str, zarr.Array], done: np.ndarray, deep: bool
+    ) -> tuple[dict[int, dict[str, str]], list[Damage]]:
+        """The digests recorded for done chunks (deep), and the chunks an interrupted repair cleared.
+
+        Cheap: only the entries of chunks that are not done are read (none in a complete run)."""
+        if not self.digested or CHUNK_DIGEST not in arrays:
+            return {}, []
+        arr, node = arrays[CHUNK_DIGEST], f"{self.path}/{CHUNK_DIGEST}"
+        present, records, out = _stored_keys(arr), {}, []
+        for ci in range(self.layout.n_chunks):
+            key = arr.metadata.encode_chunk_key((ci,))
+            if key not in present or (done[ci] and not deep):
+                continue  # a missing entry of a done chunk is reported from the listing
+            try:
+                entry = decode_record(_to_str(arr[ci : ci + 1])[0])
+            except _DAMAGE as exc:
+                what = f"chunk {ci} (file {CHUNK_DIGEST}/{key}) is damaged: {_why(exc)}"
+                out.append(Damage(node, what, "chunk", CHUNK_DIGEST, ci))
+                continue
+            if entry is not None and REPAIR_MARK in entry:
+                what = (
+                    f"chunk {ci} was cleared by an interrupted repair ({entry[REPAIR_MARK]}), not extracted again yet"
+                )
+                out.append(Damage(f"{self.path}/done", what, "chunk", "done", ci))
+            elif done[ci] and entry is None:
+                what = f"chunk {ci} (file {CHUNK_DIGEST}/{key}) holds no digest although its done flag is set"
+                out.append(Damage(node, what, "chunk", CHUNK_DIGEST, ci))
+            elif done[ci] and entry is not None:
+                records[ci] = entry
+        return records, out
+
+    def interrupted_repairs(self, done: np.ndarray) -> list[int]:
+        """Chunks a killed repair cleared and nothing extracted since (cheap: only entries of chunks not done)."""
+        try:
+            arrays = {CHUNK_DIGEST: self.group[CHUNK_DIGEST]} if self.digested else {}
+        except _DAMAGE:  # reported by check()
+            return []
+        return [
+            int(d.chunk)
+            for d in self._check_records(arrays, done, False)[1]
+            if d.array == "done" and d.chunk is not None
+        ]
+
+    def _check_rows_digests(self, arrays: Mapping[str, zarr.Array]) -> list[Damage]:
+        """Deep: the metadata columns and caption tables against their digests, row_index against 0..N-1."""
+        out = []
+        # A chunk that cannot be read is named by the checksum pass: here it only skips the comparison.
+        with contextlib.suppress(*_DAMAGE):
+            if "row_index" in arrays and not np.array_equal(arrays["row_index"][:], np.arange(self.layout.n_rows)):
+                what = "does not hold the row positions 0..N-1 (edited)"
+                out.append(Damage(f"{self.path}/row_index", what, "row_index"))
+        if not self.digested:
+            return out
+        cols = [f"meta/{c}" for c in self.provenance.get("meta_columns", [])]
+        with contextlib.suppress(*_DAMAGE):
+            if all(c in arrays for c in cols):
+                stored = [(c.removeprefix("meta/"), arrays[c][:]) for c in cols]
+                if columns_digest(stored) != self.provenance.get("meta_sha256"):
+                    out.append(Damage(f"{self.path}/meta", _META_FORGED, "meta"))
+        recorded = self.group.attrs.get("captions_sha256") or {}
+        for key in self.caption_keys():
+            parts = (f"captions/{key}/options", f"captions/{key}/answer")
+            with contextlib.suppress(*_DAMAGE):
+                if all(p in arrays for p in parts):
+                    have = captions_digests({key: (arrays[parts[0]][:], arrays[parts[1]][:])})[key]
+                    if have != recorded.get(key):
+                        out.append(Damage(f"{self.path}/captions/{key}", _CAPTIONS_FORGED, "texts"))
+        return out
+
+    def _leftovers(self) -> list[Damage]:
+        """Temporary files of writes that were killed midway (never those of a write in flight).
+
+        A row chunk is written only under its claim: its temporary file is a leftover once no live
+        writer holds that chunk. Other files (metadata, flags cleared by a repair) are written
+        unclaimed but in milliseconds: leftovers once no writer is live and they are a few seconds old.
+        """
+        keys = [k for k in sync(_alist(self.group.store_path.store, self.path + "/")) if is_partial(k)]
+        if not keys:
+            return []
+        owners = self.claims().owners()
+        live = {k for k, c in owners.items() if c.live}
+        out = []
+        for key in keys:
+            parts = partial_target(key[len(self.path) + 1 :]).split("/")
+            chunk = int(parts[2]) if parts[0] in ROW_ARRAYS and len(parts) > 2 and parts[2].isdigit() else None
+            gone = chunk not in live if chunk is not None else not live and old_enough(_mtime(self.loc, key))
+            if gone:
+                out.append(Damage(key, "is left over from an interrupted write", "partial"))
         return out
 
     def _check_done(self, arr: zarr.Array) -> tuple[np.ndarray, list[Damage]]:
@@ -637,12 +908,12 @@ class Run:
                 continue
             present = _stored_keys(arr)
             for idx, _ in _chunk_grid(arr):
-                if name in ROW_ARRAYS and not done[idx[0]]:
+                if name in _PER_CHUNK and not done[idx[0]]:
                     continue
                 key = arr.metadata.encode_chunk_key(idx)
                 if key in present:
                     continue
-                row = name in ROW_ARRAYS
+                row = name in _PER_CHUNK
                 what = f"chunk {'.'.join(map(str, idx))} (file {name}/{key}) is missing"
                 what += " although its done flag is set" if row else ""
                 out.append(
@@ -713,12 +984,17 @@ class Run:
         want = texts_digest(texts, prompts, keys)
         if "texts" in fixes or self.group.attrs.get("texts_sha256") != want:
             _write_texts(self.group, texts, captions, layout)
-            self._update_attrs(prompts=dict(prompts), caption_keys=keys, texts_sha256=want, texts_done=False)
+            digests = {"captions_sha256": captions_digests(captions)} if self.digested else {}
+            self._update_attrs(prompts=dict(prompts), caption_keys=keys, texts_sha256=want, **digests, texts_done=False)
             self._writable("done").attrs["backup"] = _backup(self.group.attrs.asdict())
+        cleared: set[int] = set()
         for d in problems:
-            if d.fix == "chunk" and d.chunk is not None:
-                self.clear_done(d.chunk)
-        self._intact = False
+            if d.fix == "chunk" and d.chunk is not None and d.chunk not in cleared:
+                cleared.add(d.chunk)
+                self._clear_for_repair(d.chunk, d.what[:200])
+            elif d.fix == "partial":
+                self.loc.delete(d.node)
+        self._intact, self._records = False, None
         return fixed
 
     def _recreate(self, name: str, layout: RunLayout) -> None:
@@ -729,8 +1005,42 @@ class Run:
         _create_row_array(self.group, name, layout)
 
 
+def _row_key(arr: zarr.Array, ci: int) -> str:
+    """The key of row chunk `ci`'s file in a row array (every other dimension is one chunk)."""
+    return arr.metadata.encode_chunk_key((ci,) + (0,) * (arr.ndim - 1))
+
+
+_UNBOUND = "does not match the digest recorded for it at extraction (moved, swapped or rewritten)"
+_META_FORGED = "does not match the digest recorded at extraction (labels or metadata rewritten)"
+_CAPTIONS_FORGED = "does not match the digest recorded when its texts were written (caption tables rewritten)"
+
+
+def _mtime(loc: Location, rel: str) -> float | None:
+    try:
+        return loc.mtime(rel) if isinstance(loc, LocalLocation) else None
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_metadata(name: str, layout: RunLayout) -> dict[str, Any]:
+    """The metadata a row array (or done, chunk_digest) of this layout is created with."""
+    return _create_row_array(
+        zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), name, layout
+    ).metadata.to_dict()
+
+
+def _restore(run: Run, record: Mapping[str, Any]) -> None:
+    """Rewrite a run's group attributes from a record (texts re-encoded: nothing says they were done)."""
+    captions = record.get("captions_sha256")
+    attrs = _group_attrs(record["provenance"], record["prompts"] or {}, record["caption_keys"] or [], False, captions)
+    attrs["texts_sha256"] = record["texts_sha256"]
+    run.group.attrs.put(attrs)
+    run.reload()
+
+
 def _fix_for(name: str) -> str:
-    if name in (*ROW_ARRAYS, "done"):
+    if name in (*ROW_ARRAYS, "done", CHUNK_DIGEST):
         return "array"
     if name == "row_index":
         return "row_index"
@@ -756,6 +1066,8 @@ def _create_row_array(g: zarr.Group, name: str, layout: RunLayout) -> zarr.Array
         return g.create_array(name, shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False, **kw)
     if name == "failure":
         return g.create_array(name, shape=(n,), chunks=(cr,), dtype=_STR, fill_value="", **kw)
+    if name == CHUNK_DIGEST:
+        return g.create_array(name, shape=(layout.n_chunks,), chunks=(1,), dtype=_STR, fill_value="", **kw)
     raise StoreError(f"unknown row array {name!r}")
 
 
@@ -772,10 +1084,8 @@ def _write_row_index(g: zarr.Group, layout: RunLayout) -> None:
 
 def _write_meta(g: zarr.Group, meta: pd.DataFrame, layout: RunLayout) -> None:
     mg = g.require_group("meta")
-    for col in meta.columns:
-        values = meta[col].to_numpy()
-        data = values if values.dtype.kind in "biuf" else _str_array(list(values))
-        mg.create_array(str(col), data=data, chunks=(max(layout.n_rows, 1),), compressors=_compressors(), config=_WRITE)
+    for col, data in meta_columns(meta):  # as its digest (provenance meta_sha256) sees them
+        mg.create_array(col, data=data, chunks=(max(layout.n_rows, 1),), compressors=_compressors(), config=_WRITE)
     mg.attrs["columns"] = [str(c) for c in meta.columns]
 
 
@@ -1044,6 +1354,8 @@ class EmbeddingStore:
         return out
 
     def _parent_damage(self) -> list[Damage]:
+        """Intermediate groups whose zarr.json is not the plain group metadata probe writes, and
+        temporary files of killed writes at the root and in those groups."""
         out = []
         for m in _dirs(self.loc):
             for rel in (m, *_dirs(self.loc, m)):
@@ -1051,7 +1363,22 @@ class EmbeddingStore:
                     zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
                 except _DAMAGE as exc:
                     out.append(Damage(rel, f"zarr.json is missing or unreadable ({_why(exc)})", "parent"))
+                    continue
+                why = group_problem(self.loc.read_bytes(f"{rel}/zarr.json"), attributes=False)
+                if why is not None:
+                    out.append(Damage(rel, f"zarr.json {why}", "parent"))
+        for rel in ("", *(d for m in _dirs(self.loc) for d in (m, *_dirs(self.loc, m)))):
+            for name in self.loc.files(rel):
+                key = f"{rel}/{name}" if rel else name
+                pid = creator_pid(name)
+                gone = (not pid_alive(pid)) if pid is not None else old_enough(_mtime(self.loc, key))
+                if is_partial(name) and gone:
+                    out.append(Damage(key, "is left over from an interrupted write", "partial"))
         return out
+
+    def notes(self) -> list[str]:
+        """What verify says without failing the store: runs written before the digests."""
+        return [note for node in self.scan() if isinstance(node, Run) for note in node.notes()]
 
     def _abandoned(self, timeout: float) -> list[tuple[Any, str]]:
         """Folders under .creating left by a creator that is gone (same host: dead pid; else old).
@@ -1073,8 +1400,8 @@ class EmbeddingStore:
                 gone = time.time() - p.stat().st_mtime > timeout
             elif pid == os.getpid():  # ours: gone unless being built (a failed build can leave late writes)
                 gone = p.name.removesuffix(".old") not in _BUILDING
-            else:
-                gone = not pid_alive(pid)
+            else:  # dead, or its pid now belongs to a process younger than the folder
+                gone = not pid_alive(pid) or started_after(pid, p.stat().st_mtime)
             if gone:
                 out.append((p, f"is a half-created run left by an interrupted `probe extract` (pid {pid} on {host})"))
         return out
@@ -1089,17 +1416,25 @@ class EmbeddingStore:
                 self.loc.rmtree(p)
             done.append(f"{_creating_name(p)} {what}: removed")
         for d in self._parent_damage():
-            self._ensure_group(d.node)
-            done.append(f"{d}: rewritten")
+            if d.fix == "partial":
+                self.loc.delete(d.node)
+                done.append(f"{d}: removed")
+            else:
+                self._ensure_group(d.node, strict=True)
+                done.append(f"{d}: rewritten")
         return done
 
-    def _ensure_group(self, rel: str) -> None:
-        """Make `rel` a readable group node; an unreadable zarr.json is replaced (no data lives in it)."""
+    def _ensure_group(self, rel: str, strict: bool = False) -> None:
+        """Make `rel` a readable group node; an unreadable zarr.json is replaced (no data lives in it).
+        `strict` (intermediate groups): so is one that is not the plain metadata probe writes."""
         try:
             zarr.open_group(self.root.store, path=rel, mode="r", zarr_format=3)
-            return
+            readable = True
         except _DAMAGE:
-            _delete_key(self.root, f"{rel}/zarr.json")
+            readable = False
+        if readable and (not strict or group_problem(self.loc.read_bytes(f"{rel}/zarr.json"), False) is None):
+            return
+        _delete_key(self.root, f"{rel}/zarr.json")
         try:
             zarr.open_group(self.root.store, path=rel, mode="a", zarr_format=3)
         except zarr.errors.ContainsGroupError:  # another writer created it at this moment
@@ -1133,6 +1468,8 @@ class EmbeddingStore:
             "feature_dim": layout.feature_dim,
             "features": layout.feature_dim is not None,
             "meta_columns": [str(c) for c in meta.columns],
+            "meta_sha256": meta_digest(meta),
+            "digests": DIGESTS_VERSION,
         }
         if layout.channels:  # absent otherwise: provenance of runs without it stays as it was
             provenance["channel_emb"] = layout.channels
@@ -1150,13 +1487,18 @@ class EmbeddingStore:
             restored = [str(d) for d in node.check()] if isinstance(node, BrokenRun) or not node.provenance_ok else []
             run = self._trusted(node, overwrite)
             if run is not None:
+                restored += self._settle_copies(run, provenance)
                 diff = identity_diff(run.provenance, provenance)
                 if diff and not overwrite:
                     what = "; ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                    raise ProvenanceMismatchError(
+                    err = ProvenanceMismatchError(
                         f"{self.path}/{path} was extracted differently ({what}). Use another --store, "
                         "or pass --overwrite to discard it"
                     )
+                    err.add_note(
+                        "; ".join(f"{k}: the run records {a!r} but here it is {b!r}" for k, (a, b) in diff.items())
+                    )
+                    raise err
                 if not diff:
                     run.repairs = restored + run.repair(layout, meta, texts, captions, prompts)
                     return run
@@ -1164,6 +1506,40 @@ class EmbeddingStore:
             if created is not None:
                 return created
         raise StoreError(f"could not create or open {self.path}/{path}: other writers keep replacing it")
+
+    def _settle_copies(self, run: Run, provenance: Mapping[str, Any]) -> list[str]:
+        """When the group's provenance and its copy in done/zarr.json both pass their digests but differ
+        (one was edited, digest recomputed), the one that matches the model and dataset reloaded now
+        wins; a tie keeps the group's (the copy is then rewritten from it by `Run.repair`)."""
+        copy = run.backup_record()
+        group = run.provenance
+        if copy is None or copy["provenance"] == group:
+            return []
+
+        def distance(p: Mapping[str, Any]) -> int:
+            return len(identity_diff(p, provenance)) + (p.get("meta_sha256") != provenance.get("meta_sha256"))
+
+        if distance(copy["provenance"]) >= distance(group):
+            return []
+        other = copy["provenance"]
+        fields = ", ".join(sorted(k for k in {*group, *other} if group.get(k) != other.get(k)))
+        _restore(run, copy)
+        return [
+            f"{run.path} zarr.json: its provenance was edited ({fields} differ from its copy): restored from its "
+            f"copy in done/zarr.json ({fields}), which matches this model and dataset"
+        ]
+
+    def repair_record(self, node: Run | BrokenRun) -> dict[str, Any] | None:
+        """The record a repair rebuilds a run from: the group's, unless it and its copy in done/zarr.json
+        disagree and only the copy fits the stored arrays (data type, shape, chunks)."""
+        record = node.record()
+        if not isinstance(node, Run) or not node.provenance_ok or record is None:
+            return record
+        copy = node.backup_record()
+        if copy is None or copy["provenance"] == record["provenance"]:
+            return record
+        fits = [r for r in (record, copy) if node.fits(r["provenance"])]
+        return fits[0] if len(fits) == 1 else record
 
     def _trusted(self, node: Run | BrokenRun, overwrite: bool) -> Run | None:
         """The run with a provenance that passes its digest, restored from its copy if needed."""
@@ -1181,9 +1557,7 @@ class EmbeddingStore:
         run = self._open(node.path)
         if not isinstance(run, Run):
             raise run.error()
-        attrs = _group_attrs(record["provenance"], record["prompts"] or {}, record["caption_keys"] or [], False)
-        attrs["texts_sha256"] = record["texts_sha256"]
-        run.group.attrs.update(attrs)
+        _restore(run, record)
         return run
 
     def _create(
@@ -1225,7 +1599,7 @@ class EmbeddingStore:
             _build_run(g, {**provenance, "created": _now()}, layout, meta, texts, captions, prompts)
             parts = path.split("/")
             for i in range(1, len(parts)):
-                self._ensure_group("/".join(parts[:i]))
+                self._ensure_group("/".join(parts[:i]), strict=True)
         except BaseException:
             _drain_writes()  # writes zarr still has in flight would recreate the folder after it is removed
             shutil.rmtree(scratch, ignore_errors=True)  # a leftover is removed on the next run
@@ -1288,7 +1662,7 @@ class EmbeddingStore:
             )
             parts = path.split("/")
             for i in range(1, len(parts)):
-                self._ensure_group("/".join(parts[:i]))
+                self._ensure_group("/".join(parts[:i]), strict=True)
             files = {f"{path}/{k}": v.to_bytes() for k, v in sorted(mem._store_dict.items())}
             group_json, backup = files.pop(commit), files.pop(f"{path}/done/zarr.json")
             self.loc.write_many(files)
@@ -1318,7 +1692,8 @@ def _build_run(
         *(("features",) if layout.feature_dim is not None else ()),
         *(("channel_emb",) if layout.channels else ()),
     )
-    for name in ("image_emb", *optional, "done", "failure"):
+    digested = _digested(provenance)
+    for name in ("image_emb", *optional, "done", "failure", *((CHUNK_DIGEST,) if digested else ())):
         arr = _create_row_array(g, name, layout)
         if name == "done":
             arr[:] = False  # every flag gets a file: a deleted flag is then detected, not read as False
@@ -1326,7 +1701,7 @@ def _build_run(
     _write_meta(g, meta, layout)
     _write_texts(g, texts, captions, layout)
     keys = sorted(captions)
-    attrs = _group_attrs(provenance, prompts, keys, False)
+    attrs = _group_attrs(provenance, prompts, keys, False, captions_digests(captions) if digested else None)
     attrs["texts_sha256"] = texts_digest(texts, prompts, keys)
     g["done"].attrs["backup"] = _backup(attrs)
     g.attrs.update(attrs)
@@ -1422,11 +1797,13 @@ def run_status(node: Run | BrokenRun, shards: int | None = None) -> dict[str, An
             }
         )
     complete = bool(done.all()) and node.texts_done
+    cleared = node.interrupted_repairs(done)
     return {
         **out,
         "model": p.get("model_spec"),
         "dataset": p.get("dataset_spec"),
-        "status": "complete" if complete else "incomplete",
+        "status": "damaged" if cleared else "complete" if complete else "incomplete",
+        "interrupted_repair": cleared,
         "chunks_done": int(done.sum()),
         "chunks_total": int(done.size),
         "texts_done": node.texts_done,

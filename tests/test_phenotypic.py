@@ -109,7 +109,7 @@ def test_matches_sklearn_reference_on_hard_data(hard):
 
 def test_positives_are_other_batches_only(hard):
     """Counting same-batch same-label rows as positives rewards the batch effect: the result must differ."""
-    _, labels, _, df, ref = hard
+    x, labels, batches, df, ref = hard
     naive = reference_map(x, labels, batches, naive=True)
     ours = df.set_index("class")["mean_average_precision"]
     for c in range(7):

@@ -75,7 +75,7 @@ def test_kfold_on_several_sources_scores_every_head_on_the_same_rows(kfold, mult
     # chosen C and the validation curve are in the results, per fold
     chosen = t[(t.metric == "chosen_C") & (t.task == "fine/histo_a") & (t["head"] == "lp") & (t.model == "synthetic:a")]
     assert sorted(chosen.stratum) == [f"fold={i}" for i in range(5)]
-    curve = t[(t.metric == "val_balanced_accuracy") & (t.task == "fine/histo_a") & t.stratum.str.startswith("fold=0;")]
+    curve = t[(t.metric == "val_log_loss") & (t.task == "fine/histo_a") & t.stratum.str.startswith("fold=0;")]
     assert len(curve) >= 3 and curve.stratum.iloc[0] == "fold=0;C=0.01"
 
 
@@ -300,7 +300,7 @@ def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
     figures = tmp_path / "rep_figures"
     with Image.open(figures / "zs_vs_lp.png") as im:  # 8 tasks: two rows of at most 4 panels, not one strip
         assert im.width < 2000 and im.height > 600, im.size
-    assert (figures / "map_0_dataset.png").exists() and (figures / "map_1_dataset.png").exists()
+    assert (figures / "map_0_0.png").exists() and (figures / "map_1_0.png").exists()  # by position
     r = runner.invoke(app, ["compare", str(tmp_path / "r"), "--color-by", "colour"])
     assert r.exit_code == 2 and "no such metadata column" in r.output
 

@@ -157,7 +157,7 @@ def test_compare_report_on_the_sample(tiny_store, effnet_store, tmp_path):
     assert {"lp", "proto"} <= set(res.pairwise["head"])
     page = (tmp_path / "report.html").read_text()
     names = {p.name for p in res.figures}
-    maps = {"map_0_label_name.png", "map_1_label_name.png"}
+    maps = {"map_0_0.png", "map_1_0.png"}  # named by position, never by user text
     assert {"zs_vs_lp.png", "heatmap.png", "cka.png", "mutual_knn.png", *maps} <= names
     assert page.count("data:image/png;base64,") == len(res.figures)
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "res")])

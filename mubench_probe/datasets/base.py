@@ -25,7 +25,9 @@ class ImageReader(Protocol):
 
     A reader of files that are not one encoded image (bioio formats) also has
     `source(i, max_pixels) -> PlaneSource`: the row's pixels, read plane by plane (see
-    `row_source`, which decodes the bytes of every other reader).
+    `row_source`, which decodes the bytes of every other reader). A reader of files may also
+    have `file_name(i) -> str` (row i's file as the dataset names it, for failure reasons; see
+    `row_file_name`) and `with_max_bytes(n)` (a copy that refuses files over n bytes unread).
     """
 
     def __len__(self) -> int: ...
@@ -46,6 +48,28 @@ def row_source(reader: ImageReader, i: int, max_pixels: int) -> Any:
 
     own = getattr(reader, "source", None)
     return own(i, max_pixels) if own is not None else decode_source(reader.read(i), max_pixels)
+
+
+def row_file_name(reader: ImageReader, i: int) -> str | None:
+    """The file row i comes from, as the dataset names it (None for rows that are not files):
+    failure reasons name it, so a user can find the file and every run stores the same text."""
+    while isinstance(reader, _HeadReader | _RowsReader):
+        if isinstance(reader, _RowsReader):
+            i = reader.rows[int(i)]
+        reader = reader.inner
+    name = getattr(reader, "file_name", None)
+    return name(int(i)) if callable(name) else None
+
+
+def limit_file_size(reader: ImageReader, max_bytes: int) -> ImageReader:
+    """The reader (under any row selection) refusing files over `max_bytes` before reading them;
+    readers that do not read files are returned as they are."""
+    if isinstance(reader, _HeadReader):
+        return _HeadReader(limit_file_size(reader.inner, max_bytes), reader.n)
+    if isinstance(reader, _RowsReader):
+        return _RowsReader(limit_file_size(reader.inner, max_bytes), reader.rows)
+    limited = getattr(reader, "with_max_bytes", None)
+    return limited(max_bytes) if callable(limited) else reader
 
 
 @dataclass

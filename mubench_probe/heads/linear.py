@@ -10,8 +10,8 @@ How C is chosen, and why:
   improved for a few steps stops right there, at the smallest C, with a chance-level probe.
   Here the sweep stops only after the score has *risen above its starting value and then
   fallen* below the best for `patience` consecutive steps; a flat start or a plateau never
-  stops it. The chosen C has the best validation score (`select`: balanced accuracy by default,
-  see `validation_score`), ties going to the smaller C (the
+  stops it. The chosen C has the best validation score (`select`: log-loss by default, see
+  `validation_score` and README "Choosing C under a class-mix shift"), ties going to the smaller C (the
   same rule as an exhaustive sweep over the grid).
 - The final model is refit on train + validation with the chosen C, warm-started.
 - The objective is scikit-learn's LogisticRegression (lbfgs) objective, to the letter: mean
@@ -332,10 +332,10 @@ def validation_score(criterion: str, y: np.ndarray, pred: np.ndarray, log_proba:
     """How good a C's validation predictions are (higher is better) under `criterion`.
 
     accuracy rewards the majority class whenever validation rows' class mix differs from the
-    training rows' (held-out sources, plates, patients): a strongly regularised probe that
-    predicts one class then wins. balanced_accuracy (mean recall over the classes present in
-    validation) gives that probe 1/classes; log_loss (negated, so higher is better) scores the
-    probabilities of the true classes.
+    training rows' (held-out sources, plates, patients): the curve is flat over C and the tie
+    goes to the smallest C, a probe that predicts one class. balanced_accuracy (mean recall over
+    the classes present in validation) rescales a flat curve but leaves it flat; log_loss (the
+    mean log-probability of the true class, so higher is better) is continuous and does not tie.
     """
     if criterion == "accuracy":
         return float((pred == y).mean())

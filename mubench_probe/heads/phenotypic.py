@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +38,7 @@ __all__ = ["benjamini_hochberg", "phenotypic_map"]
 def phenotypic_map(
     x: np.ndarray,
     labels: np.ndarray,
-    batches: np.ndarray,
+    batches: Sequence[Hashable] | np.ndarray,
     *,
     n_perm: int = 1000,
     seed: int = 0,
@@ -57,9 +58,9 @@ def phenotypic_map(
     """
     x = np.asarray(x)
     labels = np.asarray(labels)
-    if x.ndim != 2 or labels.shape != (len(x),) or np.shape(batches) != (len(x),):
+    if x.ndim != 2 or labels.shape != (len(x),) or len(batches) != len(x):
         raise ValueError(
-            f"need x (n, d) and one label and batch per row; got {x.shape}, {labels.shape}, {np.shape(batches)}"
+            f"need x (n, d) and one label and batch per row; got {x.shape}, {labels.shape}, {len(batches)} batches"
         )
     if len(x) and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integer class indices, not {labels.dtype}")
@@ -73,10 +74,11 @@ def phenotypic_map(
     n_queries = np.bincount(lab[has_ap], minlength=len(classes))
     n_excluded = np.bincount(lab, minlength=len(classes)) - n_queries
     # fsum: correctly rounded, so a class's mAP does not depend on the order of its rows
-    by_class = np.split(ap[np.argsort(lab, kind="stable")], np.cumsum(np.bincount(lab, minlength=len(classes)))[:-1])
-    observed = np.array(
-        [math.fsum(a[np.isfinite(a)]) / k if k else np.nan for a, k in zip(by_class, n_queries, strict=True)]
-    )
+    scored = ap[has_ap][np.argsort(lab[has_ap], kind="stable")]
+    ends = np.cumsum(n_queries)
+    observed = np.full(len(classes), np.nan)
+    for c in np.flatnonzero(n_queries):
+        observed[c] = math.fsum(scored[ends[c] - n_queries[c] : ends[c]]) / n_queries[c]
 
     p = np.full(len(classes), np.nan)
     if n_perm > 0 and has_ap.any():
@@ -96,13 +98,17 @@ def phenotypic_map(
     )
 
 
-def _codes(values: object, n: int) -> np.ndarray:
+def _codes(values: Sequence[Hashable] | np.ndarray, n: int) -> np.ndarray:
     """Integer codes for any hashable ids (str, int, tuples, None), without needing them to be sortable."""
-    if not (isinstance(values, np.ndarray) and values.ndim == 1):
+    if isinstance(values, np.ndarray) and values.ndim != 1:
+        raise ValueError(f"batch ids must be one per row (1-D), not shape {values.shape}")
+    if not isinstance(values, np.ndarray):
         arr = np.empty(n, dtype=object)
         for i, v in enumerate(values):  # element by element: tuples stay single ids
             arr[i] = v
         values = arr
+    if len(values) != n:
+        raise ValueError(f"need one batch id per row ({n}); got {len(values)}")
     return pd.factorize(values, use_na_sentinel=False)[0].astype(np.int64)
 
 
