@@ -484,11 +484,11 @@ def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tupl
     if (src / "zarr.json").exists():
         res = evaluate(src, models=models, results_dir=default_results_dir(src))
         return res.table, res.predictions, src
-    if (src / "results.parquet").exists():
+    if (src / "manifest.json").exists() or (src / "results.parquet").exists():
         table, preds = ResultsDir(src).load()
         record = json.loads((src / "run.json").read_text()) if (src / "run.json").exists() else {}
         return table, preds, Path(record.get("store", ""))
-    raise StoreError(f"{src} is neither a store nor a results folder (no zarr.json or results.parquet)")
+    raise StoreError(f"{src} is neither a store nor a results folder (no zarr.json, manifest.json or results.parquet)")
 
 
 def compare(

@@ -12,7 +12,8 @@ missing files are named in one note each and only the units they held are comput
 the committed files, written after the commit. A copy that is missing, stale or damaged is rewritten
 from the committed state by the next invocation; a damaged data file whose copy still matches the
 checksum is read from, and restored from, that copy. A folder without a manifest (written by probe
-before this format) is read from those three files and committed in this format by its next save.
+before this format) is read from results.parquet and predictions.parquet (a unit with accuracy rows
+but no predictions is not done) and committed in this format by the next invocation.
 
 Writers hold the folder's lock (`.lock`, filelock) from reading the state to the commit and merge
 the units another writer committed meanwhile (by unit: each unit's rows come from one writer), so

@@ -101,8 +101,9 @@ def _as_previous_version(folder: Path) -> None:
 
 # ---- a kill at any point of a save ---------------------------------------------------------------
 
-# A real `probe evaluate` that pauses just before it writes the predictions of its second save (the
-# results of that save already written), signals it with PROBE_FAULT_MARK, and waits to be killed.
+# A real `probe evaluate` that pauses when it turns the predictions of its second save into Parquet,
+# signals it with PROBE_FAULT_MARK and waits to be killed: the previous version had written that
+# save's results.parquet by then, not its predictions.parquet (the hostile tester's kill point).
 CHILD = textwrap.dedent(
     """
     import os, sys, time
