@@ -82,7 +82,7 @@ def child(mode: str, spec: str) -> dict:
 
     from mubench_probe import allocator, api
     from mubench_probe.encoders import load_encoder
-    from mubench_probe.extraction import ImageRows, _collate, input_shape
+    from mubench_probe.extraction import ImageRows, _collate, extract_into, input_shape
     from mubench_probe.imaging import get_policy
 
     n, batch, workers = MODELS[spec]
@@ -130,7 +130,7 @@ def child(mode: str, spec: str) -> dict:
             st = api._created(f"{d}/s.zarr")
             cfg = api.ExtractConfig(batch_size=batch, num_workers=workers)
             u0, s0, f0 = _usage()
-            seconds = api._extract_with(enc, ds, st, cfg).image_seconds
+            seconds = extract_into(st, enc, ds, cfg).image_seconds
             u1, s1, f1 = _usage()
         if pair:
             paired = (bare + _bare_seconds(enc, batches)) / 2 / seconds

@@ -78,13 +78,14 @@ def child(which: str, arch: str, ckpt: str, folder: str, batch: int, workers: in
     if which == "ours":
         from mubench_probe import api
         from mubench_probe.encoders import load_encoder
+        from mubench_probe.extraction import extract_into
 
         enc = load_encoder(f"{arch}:{ckpt}", device="cpu")
         ds = api.open_dataset(folder)
         with tempfile.TemporaryDirectory() as d:
             st = api._created(f"{d}/s.zarr")
             t0 = time.perf_counter()
-            api._extract_with(enc, ds, st, api.ExtractConfig(batch_size=batch, num_workers=workers))
+            extract_into(st, enc, ds, api.ExtractConfig(batch_size=batch, num_workers=workers))
             return time.perf_counter() - t0
     import open_clip
 

@@ -30,7 +30,8 @@ ENV = "MUBENCH_PROBE_ALLOCATOR"
 _state: dict[str, Any] | None = None
 
 
-def _libc() -> Any | None:
+def glibc() -> Any | None:
+    """This process's C library if it is glibc (it has `mallopt`), else None: where `tune` applies."""
     try:
         libc = ctypes.CDLL(None)
     except OSError:
@@ -38,12 +39,15 @@ def _libc() -> Any | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
 
 
-def tune() -> dict[str, Any]:
-    """Raise glibc's mmap and trim thresholds in this process (idempotent); what is in force."""
+def tune(again: bool = False) -> dict[str, Any]:
+    """Raise glibc's mmap and trim thresholds in this process (idempotent); what is in force.
+
+    `again` decides anew instead of returning this process's earlier answer (after the
+    environment or the C library seen by `glibc` changed)."""
     global _state
-    if _state is not None and _state.get("pid") == os.getpid():
+    if not again and _state is not None and _state.get("pid") == os.getpid():
         return _state
-    libc = _libc()
+    libc = glibc()
     if os.environ.get(ENV, "").lower() == "system":
         state: dict[str, Any] = {"allocator": "unchanged", "why": f"{ENV}=system"}
     elif libc is None:

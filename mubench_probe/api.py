@@ -8,13 +8,10 @@ this module, `probe info`, `probe verify`, `probe models` and every `--help` sta
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from .config import (
@@ -22,7 +19,6 @@ from .config import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_PROBE_SELECT,
-    DEFAULT_TEMPLATES,
     HEADS,
     PRESETS,
     EvalConfig,
@@ -33,20 +29,22 @@ from .config import (
 )
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend
-from .errors import DatasetUnavailableError, ModelUnavailableError, ProvenanceMismatchError, StoreError, UsageError
+from .errors import StoreError, UsageError
 from .locations import store_exists
+from .repair import RepairReport, extract_command
 from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
 
 if TYPE_CHECKING:
-    from .encoders.base import Encoder
+    from .comparison import CompareResult
+    from .engines import Launch, Resources
     from .evaluation import EvaluationResult, Unit
     from .export import ExportReport
     from .extraction import ExtractReport, NotifyFn, ProgressFn
-    from .launch import Launch, Resources
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_PROBE_SELECT",
     "DEFAULT_STORE",
@@ -56,12 +54,14 @@ __all__ = [
     "PRESETS",
     "EvalConfig",
     "ExtractConfig",
+    "RepairReport",
     "TaskSpec",
     "compare",
     "default_results_dir",
     "evaluate",
     "export",
     "extract",
+    "extract_command",
     "interpolate",
     "launch_extract",
     "list_backends",
@@ -130,22 +130,6 @@ def _settings(config: ExtractConfig | None, settings: dict[str, Any]) -> Extract
     return cfg.replace(**settings) if settings else cfg
 
 
-def _extract_with(
-    encoder: Encoder,
-    ds: LoadedDataset,
-    st: EmbeddingStore,
-    config: ExtractConfig,
-    progress: ProgressFn | None = None,
-    notify: NotifyFn | None = None,
-) -> ExtractReport:
-    from . import allocator
-    from .extraction import prepare, run_extraction
-
-    allocator.tune()  # the forward pass's buffers stay in the heap (see allocator.py)
-    run = prepare(st, encoder, ds, config)
-    return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)
-
-
 def extract(
     model: str,
     dataset: LoadedDataset | str = "sample",
@@ -169,11 +153,12 @@ def extract(
     chunks another writer holds).
     """
     from .encoders import load_encoder
+    from .extraction import extract_into
 
     cfg = _settings(config, settings)
     ds, st = _extract_inputs(dataset, store, split=split, revision=revision, limit=limit, scene=scene)
     encoder = load_encoder(model, device=cfg.device, precision=cfg.precision)
-    return _extract_with(encoder, ds, _created(st), cfg, progress, notify)
+    return extract_into(_created(st), encoder, ds, cfg, progress, notify)
 
 
 def launch_extract(
@@ -201,25 +186,17 @@ def launch_extract(
     local and Ray launchers wait for every shard; Slurm returns once the job array is submitted
     (`Launch.job_ids`; `Launch.wait()` blocks). See `mubench_probe.launch`.
     """
-    from .launch import Resources, launch_extract, shard_jobs
+    from .launch import launch_extract, shard_jobs
 
-    cfg = _settings(config, settings)
-    jobs = shard_jobs(models, dataset, store, cfg, shards, split=split, revision=revision, limit=limit, scene=scene)
-    return launch_extract(
-        jobs, launcher, resources or Resources(), address=address, log_dir=log_dir, cluster=cluster, notify=notify
-    )
+    jobs = shard_jobs(models, dataset, store, _settings(config, settings), shards, split, revision, limit, scene)
+    return launch_extract(jobs, launcher, resources, address=address, log_dir=log_dir, cluster=cluster, notify=notify)
 
 
 def shard_rows(n_rows: int, chunk_rows: int, shard: tuple[int, int] | None) -> int:
-    """Rows a shard computes (chunk ci belongs to shard ci mod N)."""
-    from .config import shard_of
+    """Rows a shard computes (chunk ci belongs to shard ci mod N), for progress bars."""
+    from .extraction import shard_rows
 
-    n_chunks = -(-n_rows // chunk_rows)
-    return sum(
-        min(chunk_rows, n_rows - c * chunk_rows)
-        for c in range(n_chunks)
-        if shard is None or shard_of(c, shard[1]) == shard[0]
-    )
+    return shard_rows(n_rows, chunk_rows, shard)
 
 
 def store_status(path: str | Path = DEFAULT_STORE, shards: int | None = None) -> dict[str, Any]:
@@ -248,53 +225,6 @@ def store_info(path: str | Path = DEFAULT_STORE, verify: bool = False) -> dict[s
     return info
 
 
-@dataclass
-class RepairReport:
-    repaired: list[str] = field(default_factory=list)  # one line per problem fixed
-    remaining: list[str] = field(default_factory=list)  # problems still there after the repair
-    commands: list[str] = field(default_factory=list)  # what to run where this machine could not repair
-    reports: list[ExtractReport] = field(default_factory=list)
-
-
-def extract_command(store: str | Path, record: dict[str, Any]) -> str:
-    """The `probe extract` command that recreates or repairs a run, from its provenance."""
-    p = record["provenance"]
-    q = shlex.quote
-    cmd = [
-        "probe extract",
-        f"--store {q(str(store))}",
-        f"--model {q(str(p.get('model_spec')))}",
-        f"--dataset {q(str(p.get('dataset_spec')))}",
-        f"--split {q(str(p.get('split')))}",
-    ]
-    if p.get("dataset_revision") and p.get("dataset_format") == "hub":
-        cmd.append(f"--revision {q(str(p['dataset_revision']))}")
-    if p.get("dataset_limit"):
-        cmd.append(f"--limit {p['dataset_limit']}")
-    if p.get("dataset_scene") is not None:
-        cmd.append(f"--scene {q(str(p['dataset_scene']))}")
-    cmd.append(f"--intensity {str(p.get('intensity_policy', 'percentile')).split(':')[0]}")
-    cmd += [f"--dtype {p.get('dtype')}", f"--chunk-rows {p.get('chunk_rows')}"]
-    if p.get("features"):
-        cmd.append("--features")
-    if p.get("max_pixels", DEFAULT_MAX_PIXELS) != DEFAULT_MAX_PIXELS:
-        cmd.append(f"--max-pixels {p['max_pixels']}")
-    if p.get("max_file_bytes") is not None:
-        cmd.append(f"--max-file-bytes {p['max_file_bytes']}")
-    pixels = p.get("pixels") or {}
-    if pixels.get("channels"):
-        cmd.append(f"--channels {q(','.join(pixels['channels']))}")
-    if pixels.get("channel_mode", "rgb") != "rgb":
-        cmd.append(f"--channel-mode {pixels['channel_mode']}")
-    for key in ("z", "t", "target_mpp"):
-        if pixels.get(key) is not None:
-            cmd.append(f"--{key.replace('_', '-')} {pixels[key]}")
-    templates = (record.get("prompts") or {}).get("templates")
-    if templates and tuple(templates) != DEFAULT_TEMPLATES:
-        cmd.append(f"--templates FILE  (FILE: the run's {len(templates)} templates, one per line: {templates!r})")
-    return " ".join(cmd)
-
-
 def repair_store(
     path: str | Path = DEFAULT_STORE,
     *,
@@ -315,76 +245,9 @@ def repair_store(
     was edited and only the copy fits the stored arrays (`EmbeddingStore.repair_record`). A
     repair killed midway is resumed by the next one (the chunks it cleared stay reported).
     """
-    from .encoders import load_encoder
+    from .repair import repair_store as repair
 
-    run_cfg = _settings(config, settings)
-    st = EmbeddingStore(path, repair=True)
-    report = RepairReport(repaired=st.repaired + st.cleanup())
-    damaged = {"/".join(d.node.split("/")[:3]) for d in st.check(deep=True)}
-    for node in st.scan():
-        if node.path not in damaged:
-            continue
-        record = st.repair_record(node)
-        if record is None:
-            report.commands.append(
-                f"{st.path}/{node.path}: its provenance is damaged and so is its copy in done/zarr.json, so "
-                f"nothing says how it was made: delete {st.path}/{node.path} and extract it again"
-            )
-            continue
-        p = record["provenance"]
-        cmd = extract_command(st.path, record)
-        try:
-            limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
-            ds = open_dataset(
-                p.get("dataset_spec") or "sample",
-                p.get("split"),
-                p.get("dataset_revision"),
-                limit,
-                p.get("dataset_scene"),
-            )
-            encoder = load_encoder(p["model_spec"], device=run_cfg.device, precision=run_cfg.precision)
-        except (ModelUnavailableError, DatasetUnavailableError) as exc:
-            report.commands.append(f"{node.path}: cannot reload its model or dataset here ({exc}); run: {cmd}")
-            continue
-        try:
-            cfg = run_cfg.replace(
-                intensity=str(p.get("intensity_policy", "percentile")).split(":")[0],
-                templates=tuple((record.get("prompts") or {}).get("templates") or DEFAULT_TEMPLATES),
-                chunk_rows=int(p["chunk_rows"]),
-                dtype=str(p["dtype"]),
-                features=bool(p.get("features")),
-                overwrite=False,
-                max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                max_file_bytes=int(p.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
-                **pixel_settings(p),
-            )
-            done = _extract_with(encoder, ds, st, cfg, progress(p["model_spec"], len(ds)) if progress else None, notify)
-        except ProvenanceMismatchError as exc:
-            what = "; ".join(getattr(exc, "__notes__", [])) or str(exc)
-            report.commands.append(
-                f"{node.path}: nothing was extracted: the model or dataset reloaded here differs from the run's: "
-                f"{what} (the run's provenance was edited, or its model or dataset changed since extraction). "
-                f"Make the run's model and dataset available here, or discard the run and extract it again: "
-                f"{cmd} --overwrite"
-            )
-            continue
-        report.reports.append(done)
-        report.repaired += done.repaired
-    report.remaining = [str(d) for d in st.check(deep=True)]
-    return report
-
-
-def pixel_settings(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The ExtractConfig fields (channels, mode, z, t, target pixel size) a run was extracted with."""
-    pixels = provenance.get("pixels") or {}
-    channels = pixels.get("channels")
-    return {
-        "channels": tuple(channels) if channels else None,
-        "channel_mode": pixels.get("channel_mode", "rgb"),
-        "z": pixels.get("z"),
-        "t": pixels.get("t"),
-        "target_mpp": pixels.get("target_mpp"),
-    }
+    return repair(path, _settings(config, settings), progress=progress, notify=notify)
 
 
 def export(
@@ -464,17 +327,6 @@ def list_tasks(
     return task_table(st, config or EvalConfig(), models)
 
 
-@dataclass
-class CompareResult:
-    side_by_side: pd.DataFrame
-    pairwise: pd.DataFrame
-    cka: pd.DataFrame
-    mutual_knn: pd.DataFrame
-    figures: list[Path] = field(default_factory=list)
-    report: Path | None = None
-    text_cka: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
 def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
     if store_exists(source):
@@ -506,36 +358,15 @@ def compare(
     dataset, modality, stain, ...): clusters by source dataset are often what there is to see.
     """
     from . import report as rep
-    from .comparison import pairwise_tests, side_by_side, similarity_matrices, text_prototypes
+    from .comparison import compare_models
 
     table, preds, store_path = _results_and_store(source, models)
     if models:
         table, preds = table[table["model"].isin(models)], preds[preds["model"].isin(models)]
-    side = side_by_side(table)
-    pairs = pairwise_tests(preds, n_boot=n_boot)
-    embeddings: dict[str, np.ndarray] = {}
-    meta = pd.DataFrame()
-    group: list = []
+    runs = []
     if str(store_path) and store_exists(store_path):
         runs = [r for r in EmbeddingStore(store_path).runs() if not models or r.model_spec in models]
-        by_dataset: dict[str, list] = {}
-        for r in runs:
-            if r.complete:
-                by_dataset.setdefault(r.path.split("/")[1], []).append(r)
-        group = max(by_dataset.values(), key=len) if by_dataset else []
-        if group:  # the same rows of one dataset for every model
-            valid = np.logical_and.reduce([r.valid_mask() for r in group])
-            embeddings = {r.model_spec: r.image_embeddings()[valid] for r in group}
-            meta = group[0].meta()[valid].reset_index(drop=True)
-            missing = [c for c in color_by if c not in meta.columns]
-            if missing:
-                raise UsageError(f"--color-by {missing}: no such metadata column (have: {', '.join(meta.columns)})")
-    cka, mknn = similarity_matrices(embeddings, k) if len(embeddings) > 1 else (pd.DataFrame(), pd.DataFrame())
-    prototypes = {
-        r.model_spec: text_prototypes(r.prompts(), r.texts(), r.text_embeddings()) for r in group if r.has_text
-    }
-    text_cka = similarity_matrices(prototypes, k=0)[0] if len(prototypes) > 1 else pd.DataFrame()
-    result = CompareResult(side, pairs, cka, mknn, text_cka=text_cka)
+    result, embeddings, meta = compare_models(table, preds, runs, k=k, n_boot=n_boot, color_by=color_by)
     if report is not None:
         result.report, result.figures = rep.build_report(
             Path(report), f"mubench_probe comparison: {source}", table, result, embeddings, meta, color_by, k
@@ -591,6 +422,7 @@ def interpolate(
     """
     from .encoders import device_for
     from .encoders.interpolate import Interpolator
+    from .extraction import extract_into
 
     if not alphas:
         raise UsageError("give at least one alpha")
@@ -605,7 +437,7 @@ def interpolate(
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             interp.save(str(Path(save_dir) / f"interp_alpha{alpha:g}.pt"))
         bar = progress(encoder.info.spec, len(ds)) if progress else None
-        reports.append(_extract_with(encoder, ds, st, cfg.replace(features=False), bar, notify))
+        reports.append(extract_into(st, encoder, ds, cfg.replace(features=False), bar, notify))
     return reports
 
 

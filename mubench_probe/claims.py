@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .config import DEFAULT_CLAIM_TIMEOUT
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 Key = int | str  # a row-chunk index, or "texts" for the text table
 
@@ -45,22 +49,21 @@ def _parse_key(name: str) -> Key:
 
 
 def process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (Linux), to tell a reused pid from the claim's owner."""
+    """When `pid` started, in clock ticks since boot, to tell a reused pid from the claim's owner.
+
+    Since boot, not since the epoch: another process must compute the same value, and the epoch
+    value moves with every step of the wall clock. In ticks (Linux's /proc/PID/stat starttime), as
+    claims have always recorded it. None where it cannot be told."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        since_boot = psutil.Process(pid).create_time() - psutil.boot_time()
+    except (psutil.Error, OSError):
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]
+    return str(round(since_boot * _CLOCK_TICKS))
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
+    """Whether a process `pid` exists on this host (owned by any user)."""
+    return psutil.pid_exists(pid)
 
 
 HOST = socket.gethostname()

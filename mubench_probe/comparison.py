@@ -1,20 +1,39 @@
 """Models side by side: tables with CIs, paired tests on per-sample predictions, representation similarity.
 
-Arrays and DataFrames in, DataFrames out; reading the store and results happens in the caller.
+Tables, arrays and opened runs in, DataFrames out (`compare_models` is all of it); opening the
+store and evaluating into results happens in the caller (`api.compare`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from .errors import UsageError
 from .heads.metrics import DEFAULT_BOOTSTRAP, paired_difference
 from .similarity import linear_cka, mcnemar, mutual_knn
 
+if TYPE_CHECKING:
+    from .store import Run
+
 MAIN_HEADS = ("zs_caption", "zs_prompt", "lp", "knn@10", "proto")
+
+
+@dataclass
+class CompareResult:
+    side_by_side: pd.DataFrame
+    pairwise: pd.DataFrame
+    cka: pd.DataFrame
+    mutual_knn: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    text_cka: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def side_by_side(
@@ -101,3 +120,43 @@ def text_prototypes(plan: dict, texts: Sequence[str], text_emb: np.ndarray) -> n
         for _, classes in sorted(plan.get("tasks", {}).items())
     ]
     return np.concatenate(rows) if rows else np.zeros((0, text_emb.shape[1]), np.float32)
+
+
+def aligned_runs(runs: Sequence[Run]) -> tuple[list[Run], dict[str, np.ndarray], pd.DataFrame]:
+    """The complete runs of the dataset most models were extracted on, with their image embeddings
+    and metadata on the rows valid in every one: representation similarity needs the same rows."""
+    by_dataset: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.complete:
+            by_dataset.setdefault(r.path.split("/")[1], []).append(r)
+    group = max(by_dataset.values(), key=len) if by_dataset else []
+    if not group:
+        return [], {}, pd.DataFrame()
+    valid = np.logical_and.reduce([r.valid_mask() for r in group])
+    embeddings = {r.model_spec: r.image_embeddings()[valid] for r in group}
+    return group, embeddings, group[0].meta()[valid].reset_index(drop=True)
+
+
+def compare_models(
+    table: pd.DataFrame,
+    preds: pd.DataFrame,
+    runs: Sequence[Run],
+    *,
+    k: int = 10,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    color_by: Sequence[str] = ("label_name",),
+) -> tuple[CompareResult, dict[str, np.ndarray], pd.DataFrame]:
+    """Every comparison of the models in a results table and their runs: the result, and the aligned
+    embeddings and metadata the report's maps are drawn from (`color_by` must be columns of it)."""
+    side = side_by_side(table)
+    pairs = pairwise_tests(preds, n_boot=n_boot)
+    group, embeddings, meta = aligned_runs(runs)
+    missing = [c for c in color_by if c not in meta.columns] if group else []
+    if missing:
+        raise UsageError(f"--color-by {missing}: no such metadata column (have: {', '.join(meta.columns)})")
+    cka, mknn = similarity_matrices(embeddings, k) if len(embeddings) > 1 else (pd.DataFrame(), pd.DataFrame())
+    prototypes = {
+        r.model_spec: text_prototypes(r.prompts(), r.texts(), r.text_embeddings()) for r in group if r.has_text
+    }
+    text_cka = similarity_matrices(prototypes, k=0)[0] if len(prototypes) > 1 else pd.DataFrame()
+    return CompareResult(side, pairs, cka, mknn, text_cka=text_cka), embeddings, meta

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .faiss_factory import check_factory
 
 # ---- defaults shared with the heads (kept here so that reading them imports nothing heavy) --------
 DEFAULT_KS = (1, 5, 10, 20)
@@ -26,7 +27,7 @@ DEFAULT_PATIENCE = 2
 # How the probe's C is chosen on validation rows (heads/linear.py: validation_score). Accuracy
 # (and balanced accuracy) on held-out sources, plates or patients is often flat in C, and ties
 # go to the smallest C: a majority-class probe. Log-loss is continuous and does not tie; measured
-# in benchmarks/probe_selection.py (README "Choosing C under a class-mix shift").
+# in benchmarks/probe_selection.py (docs/benchmarks.md, "Choosing C under a class-mix shift").
 PROBE_SELECTS = ("accuracy", "balanced_accuracy", "log_loss")
 DEFAULT_PROBE_SELECT = "log_loss"
 # With one example per class nothing can be held out. Measured on hard cone data
@@ -417,6 +418,34 @@ class ExtractConfig(_Config):
         if self.claim_timeout <= 0:
             raise UsageError("--claim-timeout must be positive")
 
+    @classmethod
+    def from_provenance(
+        cls, provenance: Mapping[str, Any], templates: Sequence[str] | None = None, base: ExtractConfig | None = None
+    ) -> ExtractConfig:
+        """The settings a run was extracted with, read back from its provenance, so that a repair or a
+        rerun stores exactly what the run holds; the one inverse of what extraction records.
+
+        `templates` are the run's class-prompt templates (kept beside the provenance, in its prompt
+        plan; None: the defaults). Settings that change no stored value (device, precision, batch
+        size, workers, claims, shard) come from `base`."""
+        p = provenance
+        pixels = p.get("pixels") or {}
+        return (base or cls()).replace(
+            intensity=str(p.get("intensity_policy", "percentile")).split(":")[0],
+            templates=tuple(templates or DEFAULT_TEMPLATES),
+            chunk_rows=int(p["chunk_rows"]),
+            dtype=str(p["dtype"]),
+            features=bool(p.get("features")),
+            overwrite=False,
+            max_pixels=int(p.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            max_file_bytes=int(p.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
+            channels=tuple(pixels["channels"]) if pixels.get("channels") else None,
+            channel_mode=pixels.get("channel_mode", "rgb"),
+            z=pixels.get("z"),
+            t=pixels.get("t"),
+            target_mpp=pixels.get("target_mpp"),
+        )
+
 
 @dataclass(frozen=True)
 class EvalConfig(_Config):
@@ -468,9 +497,7 @@ class EvalConfig(_Config):
             raise UsageError(f"--probe-backend must be one of {', '.join(PROBE_BACKENDS)}, not {self.probe_backend!r}")
         if not self.knn_index.strip():
             raise UsageError("--knn-index needs a FAISS factory string (Flat, IVF4096,Flat, HNSW32, ...)")
-        from .index import check_factory  # a typo is refused here, not after every unit loaded its data
-
-        check_factory(self.knn_index)
+        check_factory(self.knn_index)  # a typo is refused here, not after every unit loaded its data
         bad = sorted(set(self.heads) - set(HEADS))
         if bad or not self.heads:
             raise UsageError(f"unknown head(s) {bad}; choose from {', '.join(HEADS)}")

@@ -146,7 +146,7 @@ def _elsewhere(
     specs: list[UnitSpec], jobs: int, launcher: str | None, launch: dict[str, Any]
 ) -> Iterator[tuple[str, Output, float]]:
     """Results of the units as they finish, from worker processes, Ray tasks or a Slurm job array."""
-    from .launch import Resources, launch_ray, launch_slurm
+    from .engines import Resources, launch_ray, launch_slurm
 
     resources = launch.get("resources") or Resources()
     if launcher == "ray":
@@ -166,7 +166,7 @@ def _elsewhere(
         )
 
 
-def _unit_key(
+def unit_key(
     run: Run,
     name: str,
     cfg: EvalConfig,
@@ -174,6 +174,7 @@ def _unit_key(
     channel: str | None = None,
     task: TaskSpec | None = None,
 ) -> str:
+    """The results cache key of one unit: what decides its numbers, not where or how fast it runs."""
     parts: list[Any] = [provenance_hash(run), name, cfg.cache_dict(), list(templates)]
     if channel is not None:
         parts.append({"channel": channel})
@@ -301,12 +302,12 @@ def plan_units(
         views += [(label, ChannelArrays(arrays, k)) for k, label in enumerate(run.channel_labels)]
         for channel, view in views:
             if run.has_text and caption_heads and run.caption_keys() and _wanted("mubench", tasks):
-                key = _unit_key(run, "mubench", cfg, [], channel)
+                key = unit_key(run, "mubench", cfg, [], channel)
                 units.append(Unit(run, "captions", "mubench", key, arrays=view, channel=channel))
             for task in run_tasks:
                 available.add(task.name)
                 if _wanted(task.name, tasks):
-                    key = _unit_key(run, task.name, cfg, tmpl, channel, task.spec)
+                    key = unit_key(run, task.name, cfg, tmpl, channel, task.spec)
                     units.append(Unit(run, "task", task.name, key, (task, tmpl), view, channel))
     unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
     if unmatched:
@@ -416,7 +417,7 @@ def evaluate_store(
 
     `progress(unit, done, total)` is called after each computed unit. `jobs` > 1 computes units
     in worker processes, `launcher` ("ray", "slurm") on a cluster (`launch`: resources, address,
-    log_dir, cluster as for `launch.launch_ray` / `launch_slurm`); see the module docstring.
+    log_dir, cluster as for `engines.launch_ray` / `launch_slurm`); see the module docstring.
     """
     from . import allocator
 

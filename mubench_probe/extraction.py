@@ -639,3 +639,18 @@ def run_extraction(
         notes=notes,
         shard=config.shard,
     )
+
+
+def extract_into(
+    store: EmbeddingStore,
+    encoder: Encoder,
+    ds: LoadedDataset,
+    config: ExtractConfig,
+    progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
+) -> ExtractReport:
+    """Create or reopen the run for (encoder, dataset) and fill its missing chunks: what extract,
+    interpolate and repair each do once their model is loaded."""
+    allocator.tune()  # the forward pass's buffers stay in the heap (see allocator.py)
+    run = prepare(store, encoder, ds, config)
+    return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)

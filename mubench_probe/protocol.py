@@ -475,7 +475,7 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
 
     if "lp" in cfg.heads:
         grouped = plan.grouped
-        _guarded(out, name, "lp", lambda: _linear_probe(out, t, folds, test, cfg, correct, grouped))
+        _guarded(out, name, "lp", lambda: run_linear_probe(out, t, folds, test, cfg, correct, grouped))
     if "proto" in cfg.heads:
 
         def proto() -> None:
@@ -490,9 +490,9 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
         _guarded(out, name, "proto", proto)
     if "knn" in cfg.heads:
         nsb = batches if many_batches and not plan.grouped and plan.batch is None else None
-        _guarded(out, name, "knn", lambda: _knn(out, t, folds, test, cfg, nsb))
+        _guarded(out, name, "knn", lambda: run_knn(out, t, folds, test, cfg, nsb))
     if "fewshot" in cfg.heads:
-        _guarded(out, name, "fewshot", lambda: _few_shot(out, t, folds, cfg))
+        _guarded(out, name, "fewshot", lambda: run_few_shot(out, t, folds, cfg))
 
     if "zs" in correct:
         for other, label in (("lp", "lp_minus_zs"), ("proto", "proto_minus_zs")):
@@ -504,17 +504,16 @@ def evaluate_task(t: TaskArrays, cfg: EvalConfig) -> Output:
                 if other == "lp":
                     out.add(name, "alignment", "zs_over_lp", d["ratio"])
     if plan.batch is not None and batches is not None:
-        _per_batch(out, t, batches, plan.batch, cfg)
+        _per_batch(out, t, batches, plan.batch)
     return out
 
 
-def _per_batch(out: Output, t: TaskArrays, batches: np.ndarray, col: str, cfg: EvalConfig) -> None:
+def _per_batch(out: Output, t: TaskArrays, batches: np.ndarray, col: str) -> None:
     """Leave-one-batch-out: each head's accuracy on every held-out batch, and their mean."""
     name = t.task.name
-    position = {int(r): i for i, r in enumerate(t.rows)}
     for frame in [f for f in out.predictions if len(f) and f["task"].iloc[0] == name]:
         head = str(frame["head"].iloc[0])
-        b = batches[[position[int(r)] for r in frame["row"]]]
+        b = batches[np.searchsorted(t.rows, frame["row"].to_numpy())]  # t.rows is sorted (row order)
         right = (frame["y_true"].to_numpy() == frame["y_pred"].to_numpy()).astype(float)
         accs = []
         for value in sorted(set(b)):
@@ -620,10 +619,12 @@ def _probe(cfg: EvalConfig, **kw) -> LinearProbe:
     return LinearProbe(**{**settings, **kw})
 
 
-def _linear_probe(
+def run_linear_probe(
     out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig, correct: dict, grouped: bool = False
 ) -> None:
-    """Out-of-fold probe; with `grouped` folds, C is also validated on held-out groups (sources, plates)."""
+    """Out-of-fold probe; with `grouped` folds, C is also validated on held-out groups (sources, plates).
+
+    One head of `evaluate_task`, public so that it can be run on hand-made folds."""
     name = t.task.name
     pred = np.full(len(t.y), -1, dtype=np.int64)
     proba = np.zeros((len(t.y), t.task.n_classes))
@@ -657,11 +658,12 @@ RECALL_QUERIES = 1000  # test rows per fold on which an approximate kNN index is
 CALIBRATION_BINS = 15
 
 
-def _knn(
+def run_knn(
     out: Output, t: TaskArrays, folds: Folds, test: np.ndarray, cfg: EvalConfig, batches: np.ndarray | None = None
 ) -> None:
     """Out-of-fold kNN; with `batches`, also kNN whose neighbours never share the query's batch
-    (`knn_nsb@k`, "not same batch"); with an approximate --knn-index, its recall@10 against exact search."""
+    (`knn_nsb@k`, "not same batch"); with an approximate --knn-index, its recall@10 against exact search.
+    One head of `evaluate_task`, public so that it can be run on hand-made folds."""
     preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
     nsb = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks} if batches is not None else {}
     recalls, asked = [], 0
@@ -707,8 +709,10 @@ def _knn(
         )
 
 
-def _few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None:
-    """k shots per class from one training fold per seed; C tuned only on those shots."""
+def run_few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> None:
+    """k shots per class from one training fold per seed; C tuned only on those shots.
+
+    One head of `evaluate_task`, public so that it can be run on hand-made folds."""
     name = t.task.name
     for shots in cfg.shots:
         accs: dict[str, list[float]] = {"lp": [], "proto": []}

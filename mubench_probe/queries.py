@@ -18,6 +18,7 @@ from .errors import ProvenanceMismatchError, StoreError, UsageError
 from .heads.scoring import top_k
 from .index import EXACT, IndexCache, build_index
 from .store import EmbeddingStore, Run, RunArrays, l2_normalize
+from .tasks import where_mask
 
 META_COLUMNS = ("label_name", "dataset", "domain", "modality", "submodality", "stain", "image_id")
 
@@ -59,31 +60,11 @@ def matching_encoder(run: Run, device: str | None = None):
     return enc
 
 
-def parse_where(where: list[str] | None) -> dict[str, str]:
-    out = {}
-    for w in where or []:
-        col, sep, val = w.partition("=")
-        if not sep or not col:
-            raise UsageError(f"--where takes COLUMN=VALUE, not {w!r}")
-        out[col.strip()] = val.strip()
-    return out
-
-
 def run_policy(run: Run):
     """The intensity policy the run's images went through (its description starts with the name)."""
     from .imaging import get_policy
 
     return get_policy(run.provenance.get("intensity_policy", "percentile").split(":")[0])
-
-
-def _gallery_mask(arrays: RunArrays, where: dict[str, str]) -> np.ndarray:
-    meta = arrays.meta
-    mask = arrays.valid.copy()
-    for col, val in where.items():
-        if col not in meta:
-            raise UsageError(f"no metadata column {col!r}; have {', '.join(meta.columns)}")
-        mask &= (meta[col].astype(str) == val).to_numpy()
-    return mask
 
 
 def search_store(
@@ -200,7 +181,7 @@ def gallery(
         return arrays.text_emb, np.arange(len(arrays.texts)), idx_obj, info.__dict__
     emb = arrays.x
     if where:
-        ids = np.flatnonzero(_gallery_mask(arrays, parse_where(where)))
+        ids = np.flatnonzero(arrays.valid & where_mask(arrays.meta, where))
         idx_obj, info = build_index(emb[ids], index)
         return emb[ids], ids, idx_obj, info.__dict__
     idx_obj, info, _ = cache.get(run.path, "image", emb, index)

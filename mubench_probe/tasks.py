@@ -105,7 +105,7 @@ def class_text(name: str) -> str:
 
 
 def prompt_texts(classes: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
-    """texts[c][t]: class c's name in template t."""
+    """`texts[c][t]`: class c's name in template t."""
     return [[t.format(class_text(c)) for t in templates] for c in classes]
 
 

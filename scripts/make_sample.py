@@ -20,6 +20,8 @@ from pathlib import Path
 
 import datasets
 
+from mubench_probe.datasets.hf import MUBENCH_METADATA_COLUMNS, NESTED
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "mubench_probe" / "data" / "sample"
 NONE = "None of the above"
@@ -87,28 +89,7 @@ def build(source: Path, per_class: int, seed: int = 0) -> datasets.Dataset:
     picked.sort(key=lambda r: r["path"])
     rng.shuffle(picked)  # classes interleaved, so any --limit prefix has every class
 
-    records: dict[str, list] = {
-        k: []
-        for k in (
-            "image",
-            "image_id",
-            "label",
-            "label_name",
-            "dataset",
-            "domain",
-            "subdomain",
-            "modality",
-            "submodality",
-            "stain",
-            "ncbitaxon_name",
-            "microns_per_pixel",
-            "split",
-            "synthetic",
-            "license",
-            "captions",
-            "questions",
-        )
-    }
+    records: dict[str, list] = {k: [] for k in ("image", *MUBENCH_METADATA_COLUMNS, *NESTED)}
     for i, r in enumerate(picked):
         row_rng = random.Random(f"{seed}-{r['path']}")
         records["image"].append({"bytes": (source / r["path"]).read_bytes(), "path": None})

@@ -31,6 +31,14 @@ from mubench_probe.encoders.openclip import register_bundled_configs  # noqa: E4
 register_bundled_configs()  # tests build `mubench-tiny-vit` models directly with open_clip too
 
 TINY = "mubench-tiny-vit:random"
+SLOW_TIERS = ("cluster", "s3", "faults")  # tiers that are always slow too (markers: pyproject.toml)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A cluster, s3 or faults test is slow as well, so `-m "not slow"` leaves every one of them out."""
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in SLOW_TIERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -95,43 +103,19 @@ def make_store(
     templates: tuple[str, ...] = ("a microscopy image of {}.",),
     model: str = "synthetic:random",
 ):
-    """A store written directly through the store API (no model), for protocol tests."""
+    """A store written directly through the store API (no model), for protocol tests: every class
+    prompt's embedding is its class's vector in `text_by_class` (None: an image-only run)."""
     import pandas as pd
 
-    from mubench_probe.store import EmbeddingStore, RunLayout
     from mubench_probe.tasks import derive_tasks, prompt_texts
+    from mubench_probe.testing import write_run
 
     meta = pd.DataFrame({"label_name": labels, "dataset": "synth", **(meta_extra or {})})
-    tasks = derive_tasks(meta)
-    texts, emb = [], []
+    text_vectors = None
     if text_by_class is not None:
-        for task in tasks:
+        text_vectors = {}
+        for task in derive_tasks(meta):
             for cls, row in zip(task.classes, prompt_texts(task.classes, templates), strict=True):
                 for t in row:
-                    if t not in texts:
-                        texts.append(t)
-                        emb.append(text_by_class[cls])
-    st = EmbeddingStore(path, create=True)
-    layout = RunLayout(len(x), x.shape[1], 64, "float32")
-    prov = {
-        "model_spec": model,
-        "backend": "test",
-        "weights_hash": "0",
-        "has_text": text_by_class is not None,
-        "dataset_spec": "synth",
-    }
-    run = st.prepare_run(
-        f"{model.replace(':', '_')}/synth/test",
-        prov,
-        layout,
-        meta,
-        texts,
-        {},
-        {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}},
-    )
-    for ci in range(layout.n_chunks):
-        sl = layout.chunk_slice(ci)
-        run.write_chunk(ci, x[sl], [""] * (sl.stop - sl.start))
-    if text_by_class is not None:
-        run.write_text_embeddings(np.array(emb))
-    return run
+                    text_vectors.setdefault(t, text_by_class[cls])
+    return write_run(path, x, meta, text_vectors=text_vectors, templates=templates, model=model)

@@ -19,7 +19,7 @@ def test_glibc_thresholds_are_raised(monkeypatch):
 
     env = {k: v for k, v in os.environ.items() if k != allocator.ENV}
     state = _in_fresh_process(env)
-    if allocator._libc() is None:  # pragma: no cover - macOS / musl
+    if allocator.glibc() is None:  # pragma: no cover - macOS / musl
         assert state["allocator"] == "unchanged" and "not glibc" in state["why"]
         return
     libc = ctypes.CDLL(None)
@@ -33,11 +33,12 @@ def test_glibc_thresholds_are_raised(monkeypatch):
 
 
 def test_no_glibc_means_no_change(monkeypatch):
-    monkeypatch.setattr(allocator, "_state", None)
-    monkeypatch.setattr(allocator, "_libc", lambda: None)
-    monkeypatch.delenv(allocator.ENV, raising=False)
-    assert allocator.describe() == {"allocator": "unchanged", "why": "not glibc (no mallopt)"}
-    monkeypatch.setattr(allocator, "_state", None)  # the next caller tunes for real again
+    with monkeypatch.context() as m:
+        m.setattr(allocator, "glibc", lambda: None)
+        m.delenv(allocator.ENV, raising=False)
+        allocator.tune(again=True)
+        assert allocator.describe() == {"allocator": "unchanged", "why": "not glibc (no mallopt)"}
+    allocator.tune(again=True)  # the next caller sees the real settings again
 
 
 def test_provenance_records_the_allocator(tiny_store):

@@ -116,3 +116,47 @@ def test_progress_lines_when_not_on_a_terminal(monkeypatch):
         bar.advance(t, 250)
     assert lines[0].startswith("ViT-B-32:random: 250/1,000 (25%)") and "img/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].endswith("(done)") and "500/1,000" in lines[-1]
+
+
+def test_config_options_default_to_the_config_fields():
+    """Every option of extract, interpolate, evaluate (and verify) that sets an ExtractConfig or
+    EvalConfig field defaults to that field's default, and any default its help shows (`[...]`) is
+    the field's: nothing in `--help` is a copy of config.py that could drift from it."""
+    import dataclasses
+    import re
+
+    import typer.main
+
+    from mubench_probe.cli import app
+    from mubench_probe.cli.options import EVAL_OPTIONS, EXTRACT_OPTIONS
+    from mubench_probe.config import EvalConfig, ExtractConfig
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    checked = 0
+    for command, cls, options in (
+        ("extract", ExtractConfig, EXTRACT_OPTIONS),
+        ("interpolate", ExtractConfig, EXTRACT_OPTIONS),
+        ("verify", ExtractConfig, EXTRACT_OPTIONS),
+        ("evaluate", EvalConfig, EVAL_OPTIONS),
+    ):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        params = {p.name: p for p in commands[command].params}
+        for name, param in params.items():
+            if name in fields and name not in options:
+                raise AssertionError(f"probe {command} --{name} sets {cls.__name__}.{name} but is no ConfigOption")
+            if name not in options:
+                continue
+            opt = options[name]
+            field = fields[opt.field]
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            if opt.unset:  # not given: the field's default (or a preset's), and the help may name it
+                assert param.default is None, (command, name, param.default)
+            else:
+                assert opt.to_config(param.default) == default, (command, name, param.default, default)
+            shown = re.findall(r"\[([^\[\]]*)\]\.?$", param.help or "")
+            if shown and opt.unset:
+                assert shown[0] == opt.show(default), (command, name, param.help, default)
+            checked += 1
+    assert checked >= 19 + 16 + 3 + 20, checked  # every config option of the four commands was compared
+    cfg = ExtractConfig(**{f.field: f.to_config(f.default) for f in EXTRACT_OPTIONS.values() if not f.unset})
+    assert cfg == ExtractConfig(), "extract's defaults build the default ExtractConfig"

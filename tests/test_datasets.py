@@ -4,30 +4,14 @@ import numpy as np
 import pytest
 
 from mubench_probe.datasets import load_dataset
+from mubench_probe.datasets.hf import MUBENCH_METADATA_COLUMNS
 from mubench_probe.errors import DatasetUnavailableError
 from mubench_probe.tasks import derive_tasks
-
-MUBENCH_COLUMNS = {
-    "image_id",
-    "label",
-    "label_name",
-    "dataset",
-    "domain",
-    "subdomain",
-    "modality",
-    "submodality",
-    "stain",
-    "ncbitaxon_name",
-    "microns_per_pixel",
-    "split",
-    "synthetic",
-    "license",
-}
 
 
 def test_sample_has_the_mubench_schema(sample):
     assert len(sample) == 450
-    assert MUBENCH_COLUMNS <= set(sample.meta.columns)
+    assert set(MUBENCH_METADATA_COLUMNS) <= set(sample.meta.columns)
     assert sample.meta["image_id"].duplicated().any(), "image_id is not unique in μ-Bench either"
     assert {"classification_0", "classification_1", "modality", "stain_1"} <= set(sample.captions)
     nulls = [i for i, c in enumerate(sample.captions["stain_1"]) if c is None]

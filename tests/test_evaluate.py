@@ -119,6 +119,7 @@ def test_mubench_caption_protocol_pools_and_skips_nulls():
     assert ex[ex.metric == "accuracy"].set_index(["task", "stratum"])["value"][("mubench/coarse", "all")] == 1.0
 
 
+@pytest.mark.slow
 def test_sample_end_to_end_real_encoder_beats_random(tiny_store, effnet_store, tmp_path):
     rand = api.evaluate(tiny_store, FAST, results_dir=tmp_path / "r1").table
     real = api.evaluate(effnet_store, FAST, results_dir=tmp_path / "r2").table
@@ -130,6 +131,7 @@ def test_sample_end_to_end_real_encoder_beats_random(tiny_store, effnet_store, t
     assert len(few) == 1 and 0 <= few.value.iloc[0] <= 1
 
 
+@pytest.mark.slow
 def test_results_files_cache_and_force(tiny_store, tmp_path):
     out = tmp_path / "res"
     first = api.evaluate(tiny_store, FAST, results_dir=out, tasks=["fine/*"])
@@ -184,6 +186,7 @@ def test_cli_evaluate(tiny_store, tmp_path):
     assert r.exit_code == 2 and "comma-separated" in r.output
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_numbers(tmp_path):
     x, y, centres, rng = _separable()
     meta = {"modality": np.where(np.arange(len(y)) % 2, "EM", "LM")}
@@ -207,6 +210,7 @@ def test_own_split_protocol_uses_the_split_column(tiny_store, sample):
     assert any("own train/test split" in n for n in res.notes)
 
 
+@pytest.mark.slow
 def test_a_run_still_being_extracted_is_skipped_with_a_note(tmp_path):
     from mubench_probe.store import EmbeddingStore
     from mubench_probe.testing import multi_source_store
@@ -224,6 +228,7 @@ def test_a_run_still_being_extracted_is_skipped_with_a_note(tmp_path):
         api.evaluate(store, EvalConfig(heads=("zs_prompt",), n_boot=0))
 
 
+@pytest.mark.slow
 def test_run_json_keeps_every_invocation(tiny_store, tmp_path):
     out = tmp_path / "res"
     api.evaluate(tiny_store, FAST, results_dir=out, tasks=["fine/*"])

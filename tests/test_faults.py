@@ -31,12 +31,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mubench_probe import api
-from mubench_probe import store as store_module
 from mubench_probe.cli import app
 from mubench_probe.datasets import load_dataset
 from mubench_probe.errors import ImageDecodeError, ProvenanceMismatchError, StoreDamageError
 from mubench_probe.imaging import DEFAULT_MAX_PIXELS, get_policy, load_rgb
 from mubench_probe.store import CLAIMS, CREATING, EmbeddingStore, RunLayout
+from mubench_probe.store import commit as store_module
 
 from .conftest import TINY, forge_provenance
 
@@ -166,7 +166,10 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE))
+QUICK_DAMAGE = ("image_emb chunk flipped",)  # the rest: slow
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK_DAMAGE else pytest.param(c, marks=pytest.mark.slow) for c in DAMAGE])
 def test_damage_is_named_refused_and_repaired_byte_identical(case, damaged, small_store, tmp_path):
     rel, damage, needle, read_by_heads = DAMAGE[case]
     damage((damaged / GROUP / rel).resolve())
@@ -196,6 +199,7 @@ def test_rerunning_extract_repairs_exactly_the_damaged_chunks(damaged, small_sto
     assert _files(damaged) == _files(small_store)
 
 
+@pytest.mark.slow
 def test_damaged_zarr_json_is_one_line_for_every_command(damaged, tmp_path):
     """Truncated group- and array-level zarr.json: info, verify, evaluate, search refuse in one line
     naming the file; extract repairs it (the same arguments are the repair command)."""
@@ -261,6 +265,7 @@ def test_repair_refuses_a_model_that_is_not_the_runs(damaged):
     assert not (damaged / GROUP / "image_emb/c/1/0").exists(), "nothing was written with the wrong model"
 
 
+@pytest.mark.slow
 def test_features_chunk_loss_is_repaired(tmp_path):
     ref, work = tmp_path / "ref.zarr", tmp_path / "work.zarr"
     _extract(ref, rows=32, features=True)
@@ -281,6 +286,7 @@ def test_a_store_of_another_format_is_refused_in_one_line(damaged):
     assert "another version of probe (store format 1; this probe reads format 2)" in line, line
 
 
+@pytest.mark.slow
 def test_provenance_and_its_copy_both_lost(damaged):
     _truncate(damaged / GROUP / "zarr.json")
     _truncate(damaged / GROUP / "done" / "zarr.json")
@@ -365,6 +371,7 @@ def _kill_at(tmp_path: Path, args: tuple, **fault: str) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.faults
 def test_sigkill_during_creation_texts_and_chunks_resumes_byte_identical(tmp_path, small_store):
     store = tmp_path / "killed.zarr"
     args = (*EXTRACT, "--limit", ROWS, "--store", store)
@@ -394,6 +401,7 @@ def test_sigkill_during_creation_texts_and_chunks_resumes_byte_identical(tmp_pat
     assert _files(store, timestamps=False) == _files(small_store, timestamps=False)
 
 
+@pytest.mark.faults
 def test_killed_evaluate_resumes_to_identical_results(small_store, tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     _kill_at(tmp_path, ("evaluate", small_store, "--out", killed, *EVALUATE), PROBE_FAULT_RESULTS="1")
@@ -445,6 +453,7 @@ def _synthetic_run_args():
     )
 
 
+@pytest.mark.slow
 def test_run_creation_interrupted_at_every_write_is_resumed(tmp_path, monkeypatch):
     args = _synthetic_run_args()
     ref = EmbeddingStore(tmp_path / "ref.zarr", create=True)
@@ -466,6 +475,7 @@ def test_run_creation_interrupted_at_every_write_is_resumed(tmp_path, monkeypatc
         assert _files(st.path, args[0], timestamps=False) == _files(ref.path, args[0], timestamps=False), n
 
 
+@pytest.mark.slow
 def test_disk_full_during_extraction_is_one_line_and_resumes_byte_identical(small_store, tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # where the bytes go, in order
         counter = DiskFull(m)
@@ -524,6 +534,7 @@ def _claim_owner(claims: Path) -> int | None:
     return next((pid for pid in owners if pid is not None), None)
 
 
+@pytest.mark.faults
 def test_two_writers_split_the_chunks_and_wait_for_each_other(tmp_path, concurrent_reference):
     """Two real `probe extract` processes started together on an empty store: one creates the run,
     the other joins it. The first to hold a chunk is then frozen (alive, holding its claim): the
@@ -612,6 +623,7 @@ def test_claims_of_dead_writers_are_taken_over_and_live_ones_respected(tmp_path)
     assert not list(folder.glob("*.claim")), "closing releases every claim"
 
 
+@pytest.mark.slow
 def test_a_live_writer_on_another_host_is_named_then_taken_over_when_silent(damaged, small_store):
     (run,) = EmbeddingStore(damaged).runs()
     run.clear_done(3)
@@ -680,6 +692,7 @@ def test_png_bomb_and_a_lower_limit_are_refused(real_crops):
         load_rgb(real_crops[0], get_policy("percentile"), max_pixels=100)
 
 
+@pytest.mark.slow
 def test_bomb_row_fails_with_its_reason_csv_paths_point_anywhere(tmp_path, real_crops):
     data = tmp_path / "elsewhere"
     data.mkdir()

@@ -63,6 +63,7 @@ def _manifest(folder: Path, rows: list[tuple[str, str]], name: str = "m.csv", bo
 # ---- stored failures are the same bytes in every run ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_undecodable_rows_store_identical_failures_across_runs_and_resumes(tmp_path, real_crops):
     """PIL's 'cannot identify image file <_io.BytesIO object at 0x7f...>' carried a memory address
     into the store: two runs of one command stored different bytes. Reasons are now stable and
@@ -189,6 +190,7 @@ def test_fifo_devices_and_oversized_files_are_refused_without_being_read(tmp_pat
     assert small[1][0] == f"read {len(real_crops[0])}"
 
 
+@pytest.mark.slow
 def test_max_file_bytes_is_validated_recorded_and_part_of_the_runs_identity(tmp_path, real_crops):
     assert DEFAULT_MAX_FILE_BYTES == 1 << 30
     with pytest.raises(UsageError, match="--max-file-bytes must be at least 1"):
@@ -216,6 +218,7 @@ def test_max_file_bytes_is_validated_recorded_and_part_of_the_runs_identity(tmp_
     assert repaired.remaining == [] and not repaired.commands, "the repair reuses the run's limit"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX only")
 def test_hostile_rows_in_a_manifest_are_failed_rows_of_a_real_extraction(tmp_path, real_crops):
     """`probe extract` in its own process (a loader worker reads the rows): the FIFO, /dev/zero and
@@ -361,6 +364,7 @@ def s3(monkeypatch):
     server.stop()
 
 
+@pytest.mark.s3
 def test_csv_manifest_on_s3_read_by_loader_workers(tmp_path, real_crops, s3):
     """The reported command, `--dataset s3://bucket/data/m.csv`, against an S3 emulator; the
     images are read in a forked loader worker (the memory:// test above compares the embeddings)."""
@@ -383,6 +387,7 @@ def test_csv_manifest_on_s3_read_by_loader_workers(tmp_path, real_crops, s3):
 KILL_ROW, ROWS, CHUNK = 40, 48, 16
 
 
+@pytest.mark.faults
 def test_a_killed_loader_worker_is_one_line_naming_its_row_and_a_rerun_resumes(tmp_path, real_crops, monkeypatch):
     """A worker SIGKILLed while decoding row 40 (chunk 2) surfaced as torch's RuntimeError traceback.
     Now: one line naming the row and its file, the finished chunks kept, and the rerun completes

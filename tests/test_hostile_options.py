@@ -85,6 +85,7 @@ def no_aws_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either
 
 
+@pytest.mark.slow
 def test_an_s3_store_without_credentials_is_one_line_saying_how_to_provide_them(no_aws_credentials, tmp_path):
     from botocore.exceptions import NoCredentialsError
 
@@ -110,7 +111,7 @@ def test_a_corrupt_cached_index_is_rebuilt_with_a_note(tmp_path):
     index, _, built = cache.get("m/d/test", "image", x)
     assert built and not cache.notes
     ref = index.search(x[:3], 5)[1]
-    fpath, jpath = cache._paths("m/d/test", "image", "Flat")
+    fpath, jpath = cache.paths("m/d/test", "image", "Flat")
     for damage in (GARBAGE, fpath.read_bytes()[:50], b""):  # garbage, truncated, empty
         fpath.write_bytes(damage)
         cache = IndexCache(tmp_path / "s.zarr")
@@ -147,7 +148,7 @@ def test_search_survives_a_corrupt_index_beside_the_store(tiny_store_copy):
 
 
 def test_a_bad_faiss_factory_is_refused_up_front_naming_it(tiny_store, tmp_path):
-    from mubench_probe.index import check_factory
+    from mubench_probe.faiss_factory import check_factory
 
     for good in ("Flat", "IVF4096,Flat:nprobe=32", "HNSW32", "HNSW32:efSearch=256", "IVF4096,SQ8:nprobe=64"):
         check_factory(good)

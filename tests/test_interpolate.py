@@ -34,6 +34,7 @@ def batch():
     return torch.randn(3, 3, 64, 64)  # mubench-tiny-vit takes 64 px
 
 
+@pytest.mark.slow
 def test_alpha_0_and_1_reproduce_the_parents(parents, batch):
     base, ft = parents
     interp = Interpolator(base, ft, torch.device("cpu"))
@@ -59,6 +60,7 @@ def test_alpha_half_is_the_hand_computed_average(parents):
             assert torch.equal(got[name], a[name]), name
 
 
+@pytest.mark.slow
 def test_registry_spec_and_saved_checkpoint_agree(parents, tmp_path):
     base, ft = parents
     spec = f"interp({base}, {ft}, 0.25)"
@@ -106,6 +108,7 @@ def test_incompatible_models_are_refused_before_any_work(parents, tmp_path):
     assert not (store / "zarr.json").exists() or not EmbeddingStore(store).runs()
 
 
+@pytest.mark.slow
 def test_alpha_sweep_end_to_end_with_curve(parents, tmp_path):
     base, ft = parents
     store = tmp_path / "s.zarr"

@@ -189,8 +189,8 @@ def test_large_scenes_are_read_in_blocks_with_the_same_result(plate, monkeypatch
     plane = 40 * 48 * 2
     monkeypatch.setattr(bioio_module, "BLOCK_BYTES", 2 * plane * 2)  # two z of the two selected channels
     reads = []
-    real = bioio_module.BioioSource._read
-    monkeypatch.setattr(bioio_module.BioioSource, "_read", lambda self, *a: reads.append(a[1:]) or real(self, *a))
+    real = bioio_module.BioioSource.read_planes
+    monkeypatch.setattr(bioio_module.BioioSource, "read_planes", lambda self, *a: reads.append(a[1:]) or real(self, *a))
     blocks = [np.asarray(i) for i in render(row_source(ds.reader, 2, 10**7), spec)]
     assert all(np.array_equal(a, b) for a, b in zip(whole, blocks, strict=True))
     want = [((4, 0), 1, 3)] if z == "index:1" else [((4, 0), 0, 2), ((4, 0), 2, 3)]
@@ -336,6 +336,7 @@ def _chunk_files(store: Path, array: str) -> list[tuple[str, bytes]]:
     return sorted((p.relative_to(store).as_posix(), p.read_bytes()) for p in files)
 
 
+@pytest.mark.slow
 def test_each_mode_resumes_byte_identical_and_refuses_other_channels(plate_store, plate, tmp_path):
     store = tmp_path / "cut.zarr"
     seen = []
@@ -399,6 +400,7 @@ def test_pixel_size_bins_are_powers_of_two():
     assert "pixel_size" not in pixel_size_bins(pd.DataFrame({"microns_per_pixel": [None]}))
 
 
+@pytest.mark.slow
 def test_target_mpp_on_a_csv_with_missing_sizes_notes_them(tmp_path, real_crops):
     """μ-Bench-style rows (PNG crops with a microns_per_pixel column, some empty), rgb images."""
     rows = []
@@ -428,6 +430,7 @@ def _spec(**kw) -> PixelSpec:
     return PixelSpec(get_policy("percentile"), **kw)
 
 
+@pytest.mark.slow
 def test_shards_and_worker_processes_handle_per_channel_runs(plate_store, plate, tmp_path):
     """--channel-mode each meets the scale-out: two shards fill the per-channel arrays byte for
     byte as one process did, and units of each channel computed in worker processes equal serial ones."""
@@ -462,6 +465,7 @@ def test_features_in_each_mode_are_the_mean_of_the_channel_features(plate, tmp_p
         np.testing.assert_allclose(feats[row], ref.mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_interpolate_takes_the_pixel_options_of_extract(plate, plate_store, tmp_path):
     """`probe interpolate` renders images as `probe extract` does: alpha 0 is the base model's run."""
     import open_clip

@@ -48,6 +48,7 @@ def exhaustive_sweep(x, y, val_fraction=0.2, seed=0, center=False):
         return best, curve, LogisticRegression(C=best, tol=1e-8, max_iter=20000).fit(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HARD))
 def test_probe_matches_an_exhaustive_sweep_on_hard_data(name):
     x, y = hard_embeddings(**HARD[name])
@@ -64,6 +65,7 @@ def test_probe_matches_an_exhaustive_sweep_on_hard_data(name):
     assert [s for _, s in probe.val_curve_] == curve[: len(probe.val_curve_)]
 
 
+@pytest.mark.slow
 def test_probe_at_a_chosen_c_is_plain_scikit_learn_on_hard_data():
     x, y = hard_embeddings(**HARD["10 classes, 768-d, imbalanced"])
     probe = LinearProbe(C=300.0).fit(x[:600], y[:600])
@@ -71,6 +73,7 @@ def test_probe_at_a_chosen_c_is_plain_scikit_learn_on_hard_data():
     assert (probe.predict(x[600:]) == ref.predict(x[600:])).all()
 
 
+@pytest.mark.slow
 def test_few_shot_probe_matches_an_exhaustive_sweep():
     x, y = hard_embeddings(**HARD["13 classes, 1280-d, a class of 10 rows"])
     rng = np.random.default_rng(0)
@@ -84,6 +87,7 @@ def test_few_shot_probe_matches_an_exhaustive_sweep():
     assert probe.C_ == best or abs(ours - theirs) <= 0.005, (probe.C_, best, ours, theirs)
 
 
+@pytest.mark.slow
 def test_edge_of_the_grid_is_flagged():
     x, y = hard_embeddings(**HARD["7 classes, 512-d, anisotropic noise"])
     short = LinearProbe(Cs=DEFAULT_CS[:7], select="accuracy").fit(x, y)  # the grid stops at C = 10: still rising there

@@ -52,6 +52,7 @@ def grouped_probe(select: str) -> float:
     return float((pred == y).mean())
 
 
+@pytest.mark.slow
 def test_accuracy_selection_scores_the_majority_rate_on_held_out_sources():
     """The bug, documented: this tests the old criterion and keeps passing."""
     d = grouped()
@@ -60,6 +61,7 @@ def test_accuracy_selection_scores_the_majority_rate_on_held_out_sources():
     assert d["proto"] >= lp + 0.15, (d["proto"], lp)
 
 
+@pytest.mark.slow
 def test_the_data_are_adversarial_for_accuracy_selection():
     """The reference fails too (the data, not the probe's sweep, cause it), and a linear probe could transfer."""
     d = grouped()
@@ -68,6 +70,7 @@ def test_the_data_are_adversarial_for_accuracy_selection():
     assert d["fixed"] >= d["proto"] - 0.02, (d["fixed"], d["proto"])  # plain LR at C = 10^4 transfers
 
 
+@pytest.mark.slow
 def test_default_selection_matches_its_reference_on_held_out_sources():
     d = grouped()
     lp, ref = grouped_probe(DEFAULT_PROBE_SELECT), d[f"ref {DEFAULT_PROBE_SELECT}"]
@@ -92,6 +95,7 @@ def stratified() -> dict:
     return {"x": x, "y": y, "tr": tr, "te": te, **{s: float((p == y[te]).mean()) for s, (_, p) in ref.items()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", CRITERIA)
 def test_every_criterion_matches_its_reference_on_stratified_hard_data(select):
     d = stratified()

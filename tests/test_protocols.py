@@ -20,7 +20,15 @@ from mubench_probe.cli import app
 from mubench_probe.errors import UsageError
 from mubench_probe.heads.linear import serial_optimizer_blas
 from mubench_probe.heads.scoring import quantize
-from mubench_probe.protocol import EvalConfig, Output, TaskArrays, _few_shot, _knn, _linear_probe, evaluate_task
+from mubench_probe.protocol import (
+    EvalConfig,
+    Output,
+    TaskArrays,
+    evaluate_task,
+    run_few_shot,
+    run_knn,
+    run_linear_probe,
+)
 from mubench_probe.store import EmbeddingStore
 from mubench_probe.tasks import derive_tasks, prompt_texts
 from mubench_probe.testing import Source, multi_source_store
@@ -56,6 +64,7 @@ def _accuracy(table, task, head, model="synthetic:a"):
     return row.iloc[0]
 
 
+@pytest.mark.slow
 def test_kfold_on_several_sources_scores_every_head_on_the_same_rows(kfold, multi):
     t, notes = kfold.table, kfold.notes
     tasks = sorted({x for x in t.task if x.startswith(("fine/", "coarse/"))})
@@ -113,14 +122,15 @@ def test_a_training_fold_with_one_class_does_not_crash_any_head():
     folds = [(train, np.setdiff1d(np.arange(40), train))]
     cfg = EvalConfig(n_boot=0, shots=(1, 2), fewshot_seeds=2)
     out, correct = Output(), {}
-    _linear_probe(out, t, folds, folds[0][1], cfg, correct)
-    _knn(out, t, folds, folds[0][1], cfg)
-    _few_shot(out, t, folds, cfg)
+    run_linear_probe(out, t, folds, folds[0][1], cfg, correct)
+    run_knn(out, t, folds, folds[0][1], cfg)
+    run_few_shot(out, t, folds, cfg)
     assert any("one training class" in n for n in out.notes)
     lp = pd.concat(out.predictions).query("head == 'lp'")
     assert (lp.y_pred == 0).all()
 
 
+@pytest.mark.slow
 def test_split_protocol_scores_zero_shot_on_the_test_rows_only(multi, tmp_path):
     res = api.evaluate(
         multi, EvalConfig(protocol="split", n_boot=50, shots=(2,), fewshot_seeds=1), models=["synthetic:a"]
@@ -134,6 +144,7 @@ def test_split_protocol_scores_zero_shot_on_the_test_rows_only(multi, tmp_path):
     assert int(cap.n.iloc[0]) == int(test.sum())
 
 
+@pytest.mark.slow
 def test_transfer_protocol_trains_on_one_side_and_tests_on_the_other(multi):
     res = api.evaluate(multi, EvalConfig(n_boot=50, shots=(2,), fewshot_seeds=1, **TRANSFER), models=["synthetic:a"])
     meta = EmbeddingStore(multi).runs()[0].meta()
@@ -180,6 +191,7 @@ def _plain_folds(y):
     return list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
 
 
+@pytest.mark.slow
 def test_heads_equal_plain_references_on_the_same_folds(multi, kfold):
     """kNN: float64 brute force; ZS: plain prompt ensembles; LP: scikit-learn at the recorded C."""
     run = EmbeddingStore(multi).runs()[0]
@@ -226,6 +238,7 @@ def test_heads_equal_plain_references_on_the_same_folds(multi, kfold):
     assert (ours("lp") == lp).all()
 
 
+@pytest.mark.slow
 def test_mubench_table1_preset(tmp_path):
     sources = (
         Source("eulenberg_et_al_2017_darkfield", 3, 80, "light microscopy", "none", "cell biology"),
@@ -251,6 +264,7 @@ def test_mubench_table1_preset(tmp_path):
     assert list(table1.columns)[:3] == ["model", "coarse", "coarse_ci"] and table1.fine_n.iloc[0] == 220
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
     runner = CliRunner()
     args = ["--out", str(tmp_path / "r"), "--bootstrap", "20", "--shots", "2", "--fewshot-seeds", "1"]
@@ -305,6 +319,7 @@ def test_cli_evaluate_and_compare_never_print_a_traceback(multi, tmp_path):
     assert r.exit_code == 2 and "no such metadata column" in r.output
 
 
+@pytest.mark.slow
 def test_loso_and_confounder_measures_on_several_sources(multi, tmp_path):
     """Leave one source out on every coarse task spanning >= 3 sources; batch measures per task."""
     cfg = FAST.replace(protocol="loso", heads=("proto", "lp", "knn", "batch", "map"), map_permutations=50)

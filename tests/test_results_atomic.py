@@ -148,6 +148,7 @@ def _kill_between_results_and_predictions(tmp_path: Path, args: tuple) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.faults
 def test_sigkill_between_results_and_predictions_loses_nothing(store, reference, tmp_path):
     out = tmp_path / "killed"
     _kill_between_results_and_predictions(tmp_path, ("evaluate", store, "--out", out, *HEADS))
@@ -160,6 +161,7 @@ def test_sigkill_between_results_and_predictions_loses_nothing(store, reference,
     assert left <= named and not list(out.glob(".*.tmp")), left - named
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_file_operation_of_a_save_loses_nothing(store, tmp_path, monkeypatch):
     """The folder as a SIGKILL would leave it just before each write, fsync, rename or delete of the
     results folder (two units, so a first and a second save): each such folder, evaluated again,
@@ -204,6 +206,7 @@ def test_a_kill_at_any_file_operation_of_a_save_loses_nothing(store, tmp_path, m
 # ---- concurrent writers -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_four_concurrent_evaluations_equal_one_run(store, reference, tmp_path):
     out = tmp_path / "shared"
     code = "import sys; from mubench_probe.cli import main; sys.argv = ['probe', *sys.argv[1:]]; main()"
@@ -221,6 +224,7 @@ def test_four_concurrent_evaluations_equal_one_run(store, reference, tmp_path):
 # ---- damaged and deleted files ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_garbage_results_parquet_is_rewritten_without_a_traceback(store, reference, folder):
     (folder / "results.parquet").write_bytes(b"this is not a parquet file" * 10)
     r = _evaluate(store, folder)
@@ -229,6 +233,7 @@ def test_garbage_results_parquet_is_rewritten_without_a_traceback(store, referen
     _assert_same_as(folder, reference)
 
 
+@pytest.mark.slow
 def test_garbage_results_in_a_folder_of_the_previous_version_is_one_note(store, reference, folder):
     _as_previous_version(folder)
     (folder / "results.parquet").write_bytes(b"PAR1 garbage")
@@ -256,6 +261,7 @@ def test_damaged_committed_file_is_named_and_restored_from_its_copy(store, refer
     assert path.read_bytes() == (reference / path.relative_to(folder)).read_bytes(), "restored"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["results", "predictions"])
 def test_damaged_committed_file_and_copy_recompute_their_units(store, reference, folder, kind):
     path = _committed_file(folder, kind)
@@ -268,6 +274,7 @@ def test_damaged_committed_file_and_copy_recompute_their_units(store, reference,
     _assert_same_as(folder, reference)
 
 
+@pytest.mark.slow
 def test_results_of_units_whose_predictions_are_lost_are_kept_until_recomputed(store, reference, folder):
     """Bad files never destroy readable results: with every prediction lost, an evaluation of one
     task recomputes that task only, and the other units' results stay in results.parquet (not done:

@@ -108,6 +108,7 @@ def test_the_shard_assignment_is_fixed_and_parsed():
     assert api.shard_rows(100, 16, (0, 2)) == 52 and api.shard_rows(100, 16, (1, 2)) == 48
 
 
+@pytest.mark.cluster
 def test_two_shard_processes_fill_one_store_byte_identical(tmp_path, reference):
     """Two real processes started together: one creates the run, the other joins; each computes
     its own chunks only; a shard run again computes nothing; the store equals one process's."""
@@ -128,6 +129,7 @@ def test_two_shard_processes_fill_one_store_byte_identical(tmp_path, reference):
     assert [(s["done"], s["total"]) for s in run["per_shard"]] == [(3, 3), (3, 3)]
 
 
+@pytest.mark.cluster
 def test_a_killed_shard_is_rerun_and_a_shard_run_twice_splits_its_chunks(tmp_path, reference):
     store = str(tmp_path / "s.zarr")
     _finish([_shard_proc(store, "0/2")])  # shard 0 only
@@ -147,6 +149,7 @@ def test_a_killed_shard_is_rerun_and_a_shard_run_twice_splits_its_chunks(tmp_pat
     assert contents(store) == reference
 
 
+@pytest.mark.cluster
 def test_local_launcher_runs_one_process_per_shard(tmp_path, reference):
     store = str(tmp_path / "local.zarr")
     r = _run("extract", *OPTS, "--store", store, "--launcher", "local", "--shards", 2, "--log-dir", tmp_path / "logs")
@@ -157,6 +160,7 @@ def test_local_launcher_runs_one_process_per_shard(tmp_path, reference):
     assert contents(store) == reference
 
 
+@pytest.mark.cluster
 def test_torchrun_runs_one_shard_per_rank(tmp_path, reference):
     """The documented multi-GPU path on one node: torchrun starts K ranks, `--shard auto` reads
     RANK/WORLD_SIZE (here on CPU; on a GPU node each rank adds --device cuda:$LOCAL_RANK)."""
@@ -170,7 +174,7 @@ def test_torchrun_runs_one_shard_per_rank(tmp_path, reference):
 
 
 def test_each_local_shard_sees_its_own_gpus(monkeypatch):
-    from mubench_probe.launch import _visible_gpus
+    from mubench_probe.engines import _visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert [_visible_gpus(i, 1) for i in range(5)] == ["0", "1", "2", "3", "0"]
@@ -195,6 +199,7 @@ def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
     assert select_device("cpu") == torch.device("cpu")  # an explicit device is kept
 
 
+@pytest.mark.cluster
 def test_slurm_job_array_through_submitit_local_executor(tmp_path, reference):
     """The whole --launcher slurm path (submitit job array) with submitit's local executor."""
     pytest.importorskip("submitit")  # a test dependency: installed by the `test` extra
@@ -215,9 +220,10 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
     assert r.exit_code != 0 and "no Slurm here" in r.output and "Traceback" not in r.output, r.output
 
 
+@pytest.mark.cluster
 def test_ray_tasks_on_a_local_cluster(tmp_path, reference):
     ray = pytest.importorskip("ray")  # a test dependency: installed by the `test` extra
-    from mubench_probe.launch import Resources
+    from mubench_probe.engines import Resources
 
     store = str(tmp_path / "ray.zarr")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -302,6 +308,8 @@ def s3(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.mark.cluster
+@pytest.mark.s3
 def test_two_shards_fill_an_s3_store_and_every_command_reads_it(s3, tmp_path, reference, monkeypatch):
     store = "s3://probe/two.zarr"
     outs = _finish(_shard_procs(store, env={**os.environ, **s3}))
@@ -326,8 +334,10 @@ def test_two_shards_fill_an_s3_store_and_every_command_reads_it(s3, tmp_path, re
     assert contents(store) == reference
 
 
+@pytest.mark.s3
 def test_s3_run_creation_commits_last_and_an_abandoned_creation_is_removed(s3, monkeypatch):
     from mubench_probe.locations import FsspecLocation
+    from mubench_probe.store import RunSpec
 
     store = "s3://probe/abandoned.zarr"
     ds = load_dataset("sample", limit=32)
@@ -352,7 +362,8 @@ def test_s3_run_creation_commits_last_and_an_abandoned_creation_is_removed(s3, m
     st2 = EmbeddingStore("s3://probe/race.zarr", create=True)
     args = _synthetic_args()
     first = st2.prepare_run(*args)
-    assert st2._publish(args[0], first.provenance, *args[2:], replace=False) is None, "the second creator joins"
+    spec = RunSpec(args[0], first.provenance, *args[2:])
+    assert st2._publish(spec, replace=False) is None, "the second creator joins"
     (run,) = st2.runs()
     assert run.check(deep=True) == []
     assert np.array_equal(run.done_mask(), np.zeros(3, dtype=bool))

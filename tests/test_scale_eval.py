@@ -46,13 +46,14 @@ def test_embeddings_are_read_block_by_block_with_the_same_values(tiny_store, mon
     (run,) = EmbeddingStore(tiny_store).runs()
     whole = l2_normalize(np.asarray(run._read("image_emb"), dtype=np.float32))
     assert np.array_equal(run.image_embeddings(), whole)
-    from mubench_probe import store as store_module
+    from mubench_probe.store import run as store_module
 
     monkeypatch.setattr(store_module, "READ_BLOCK_BYTES", 1)  # one chunk at a time
     assert np.array_equal(run.image_embeddings(), whole)
     assert np.array_equal(run.image_embeddings(normalize=False), np.asarray(run._read("image_emb"), np.float32))
 
 
+@pytest.mark.slow
 def test_heads_on_row_views_equal_heads_on_copies(monkeypatch):
     x, y = hard_embeddings(n=1200, dim=96, classes=6, signal=0.3, seed=4)
     rows = np.flatnonzero(np.arange(len(y)) % 5 != 0)
@@ -98,6 +99,7 @@ def test_approximate_knn_index_reports_its_recall(small_multi):
         KNNHead((10,), index="NoSuchIndex").fit(x, y)
 
 
+@pytest.mark.slow
 def test_torch_backend_picks_the_same_c_and_accuracy_on_hard_data():
     pytest.importorskip("torch")
     x, y = hard_embeddings(n=900, dim=768, classes=10, seed=1)  # tests/test_probe.py's hardest flat start
@@ -115,14 +117,14 @@ def test_torch_backend_picks_the_same_c_and_accuracy_on_hard_data():
 
 
 def test_the_cache_key_ignores_where_units_run():
-    from mubench_probe.evaluation import _unit_key
+    from mubench_probe.evaluation import unit_key
 
     class FakeRun:
         provenance: ClassVar[dict] = {}
 
     a = EvalConfig()
-    assert _unit_key(FakeRun(), "t", a, []) == _unit_key(FakeRun(), "t", a.replace(device="cpu"), [])
-    assert _unit_key(FakeRun(), "t", a, []) != _unit_key(FakeRun(), "t", a.replace(knn_index="HNSW32"), [])
+    assert unit_key(FakeRun(), "t", a, []) == unit_key(FakeRun(), "t", a.replace(device="cpu"), [])
+    assert unit_key(FakeRun(), "t", a, []) != unit_key(FakeRun(), "t", a.replace(knn_index="HNSW32"), [])
     assert "knn_index" not in a.cache_dict() and "device" not in a.cache_dict()
     assert a.replace(probe_backend="torch").cache_dict()["probe_backend"] == "torch"
 
@@ -130,6 +132,7 @@ def test_the_cache_key_ignores_where_units_run():
 FAST = EvalConfig(heads=("proto", "lp", "zs_prompt"), n_boot=0, folds=2, strata=(), cs=(1.0, 100.0))
 
 
+@pytest.mark.cluster
 def test_units_in_processes_on_ray_and_in_a_slurm_job_array_give_the_same_results(small_multi, tmp_path):
     one = api.evaluate(small_multi, FAST, results_dir=tmp_path / "one").table
     procs = api.evaluate(small_multi, FAST, results_dir=tmp_path / "procs", jobs=2)
@@ -166,6 +169,7 @@ def test_two_writers_of_one_results_folder_lose_and_duplicate_nothing(tmp_path):
     assert sorted(pd.read_parquet(tmp_path / "results.parquet")["unit"]) == ["u1", "u2", "u3"] == sorted(again["unit"])
 
 
+@pytest.mark.slow
 def test_evaluate_memory_grows_by_less_than_twice_the_float32_embeddings(tmp_path):
     """A real evaluate in a fresh process at two sizes: peak RSS grows with the rows by less than
     twice the float32 embeddings (fixed-size work buffers cancel out; at 10^6 rows they are a few
@@ -174,7 +178,8 @@ def test_evaluate_memory_grows_by_less_than_twice_the_float32_embeddings(tmp_pat
     code = textwrap.dedent(
         """
         import json, sys
-        from mubench_probe import api, store
+        from mubench_probe import api
+        from mubench_probe.store import run as store
         from mubench_probe.config import EvalConfig
         from mubench_probe.heads import scoring
         import faiss, sklearn.linear_model  # imported before the baseline is taken

@@ -11,8 +11,10 @@ from mubench_probe import api
 from mubench_probe.cli import app
 from mubench_probe.comparison import pairwise_tests
 from mubench_probe.errors import ProvenanceMismatchError, UsageError
+from mubench_probe.heads.ann import recall
+from mubench_probe.heads.knn import search
 from mubench_probe.heads.retrieval import caption_retrieval, ranking_metrics
-from mubench_probe.index import IndexCache, ann_recall, build_index, exact_topk
+from mubench_probe.index import IndexCache, build_index
 from mubench_probe.similarity import linear_cka, mcnemar, mutual_knn
 from mubench_probe.store import EmbeddingStore, l2_normalize
 
@@ -29,7 +31,7 @@ def test_faiss_search_equals_numpy_topk_with_ties():
     x = l2_normalize(rng.normal(size=(300, 24))).astype(np.float32)
     x = np.concatenate([x, x[:40]])  # exact duplicates tie
     q = np.concatenate([l2_normalize(rng.normal(size=(20, 24))), x[:5]]).astype(np.float32)
-    assert (exact_topk(x, q, 10) == _numpy_topk(x, q, 10)).all()
+    assert (search(x, q, 10)[1] == _numpy_topk(x, q, 10)).all()
 
 
 def test_ann_recall_on_a_known_case():
@@ -37,15 +39,15 @@ def test_ann_recall_on_a_known_case():
     x = l2_normalize(rng.normal(size=(500, 16))).astype(np.float32)
     exact, info = build_index(x, "Flat")
     assert info.recall_at_10 is None
-    assert ann_recall(exact, x, x[:50]) == 1.0
+    assert recall(exact.search, x, x[:50]) == 1.0
 
     class Half:  # returns the true top-10's first 5 plus 5 wrong items
         def search(self, q, k):
-            true = exact_topk(x, q, k)
+            true = search(x, q, k)[1]
             wrong = np.array([[j for j in range(500) if j not in set(r)][:5] for r in true])
             return None, np.concatenate([true[:, :5], wrong], axis=1)
 
-    assert ann_recall(Half(), x, x[:20]) == pytest.approx(0.5)
+    assert recall(Half().search, x, x[:20]) == pytest.approx(0.5)
     _, hnsw = build_index(x, "HNSW32,Flat", recall_sample=100)
     assert 0.5 < hnsw.recall_at_10 <= 1.0 and hnsw.recall_queries == 100
     with pytest.raises(UsageError):
@@ -88,6 +90,17 @@ def test_text_image_and_row_queries_round_trip(tiny_store, sample):
     assert to_text.hits[0]["text"] == run.texts()[int(np.argmax(sims))]
     filtered = api.search(tiny_store, TINY, row=17, where=["label_name=platelet"], k=500)
     assert {h["label_name"] for h in filtered.hits} == {"platelet"} and len(filtered.hits) == 150
+
+
+def test_search_where_values_of_one_column_are_alternatives(tiny_store):
+    """--where has one meaning everywhere (config.parse_conditions): values of one column are
+    alternatives, COLUMN!=VALUE excludes."""
+    either = api.search(tiny_store, TINY, row=17, where=["label_name=platelet", "label_name=red blood cell"], k=500)
+    assert {h["label_name"] for h in either.hits} == {"platelet", "red blood cell"} and len(either.hits) == 300
+    not_platelet = api.search(tiny_store, TINY, row=17, where=["label_name!=platelet"], k=500)
+    assert {h["label_name"] for h in not_platelet.hits} == {"red blood cell", "white blood cell"}
+    with pytest.raises(UsageError, match="no metadata column 'colour'"):
+        api.search(tiny_store, TINY, row=17, where=["colour=red"])
 
 
 def test_search_refuses_a_model_that_does_not_match(tiny_store_copy):
@@ -142,6 +155,7 @@ def test_paired_tests_hand_computed():
     assert mcnemar(np.ones(5, bool), np.ones(5, bool))["p_value"] == 1.0
 
 
+@pytest.mark.slow
 def test_compare_report_on_the_sample(tiny_store, effnet_store, tmp_path):
     import shutil
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "torchvision", "open_clip", "timm", "matplotlib")
 
 
@@ -17,6 +19,7 @@ def test_the_evaluation_and_store_paths_do_not_import_torch():
     assert _imported_after("import mubench_probe, mubench_probe.evaluation, mubench_probe.queries") == []
 
 
+@pytest.mark.slow
 def test_store_reading_commands_do_not_import_torch(tiny_store, tmp_path):
     for args in (
         ["export", str(tiny_store), str(tmp_path / "e.parquet"), "--to", "parquet"],

@@ -96,6 +96,7 @@ def test_swapped_image_emb_chunks_are_named_refused_and_repaired(tiny_store_copy
     _repaired_byte_identical(tiny_store_copy, tiny_store)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", ["label_name", "label"])
 def test_labels_rewritten_through_zarr_are_refused_and_repaired(column, tiny_store_copy, tiny_store, tmp_path):
     arr = zarr.open_array(tiny_store_copy / GROUP / "meta" / column, mode="r+")
@@ -121,6 +122,7 @@ def test_labels_rewritten_through_zarr_are_refused_and_repaired(column, tiny_sto
         '{"zarr_format": 3, "node_type": "group", "attributes": {"forged": 1}}',
     ],
 )
+@pytest.mark.slow
 def test_garbage_intermediate_group_zarr_json_is_reported_and_rewritten(garbage, tiny_store_copy, tiny_store):
     (tiny_store_copy / "mubench-tiny-vit_random" / "zarr.json").write_text(garbage)
     r = _run("verify", tiny_store_copy)
@@ -153,6 +155,7 @@ def test_half_created_run_whose_pid_was_reused_is_reported_and_removed(tiny_stor
 # ---- repair restores what the provenance records ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_edited_array_dtype_is_restored_from_the_provenance(tiny_store_copy, tiny_store):
     meta = tiny_store_copy / GROUP / "image_emb" / "zarr.json"
     doc = json.loads(meta.read_text())
@@ -168,6 +171,7 @@ def test_edited_array_dtype_is_restored_from_the_provenance(tiny_store_copy, tin
     assert run.group["image_emb"].dtype == np.float16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value"), [("weights_hash", "f" * 64), ("dtype", "float32")])
 def test_provenance_edited_with_its_digest_recomputed_is_restored_from_its_copy(
     field, value, tiny_store_copy, tiny_store
@@ -269,6 +273,7 @@ def _status(store: Path) -> dict:
     return run
 
 
+@pytest.mark.faults
 def test_sigkill_during_repair_then_repair_again_restores_the_run(tiny_store_copy, tiny_store, tmp_path):
     for i in (1, 3):
         (tiny_store_copy / GROUP / f"image_emb/c/{i}/0").unlink()
@@ -288,6 +293,7 @@ def test_sigkill_during_repair_then_repair_again_restores_the_run(tiny_store_cop
     assert _files(tiny_store_copy) == _files(tiny_store)
 
 
+@pytest.mark.faults
 def test_partial_file_of_a_write_killed_midway_is_reported_and_removed(tmp_path, tiny_store):
     store = tmp_path / "killed.zarr"
     _kill_at(tmp_path, (*EXTRACT, "--store", store), rf"{GROUP}/image_emb/c/2/0$", mid=True)

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mubench_probe import api
-from mubench_probe.cli import _note_lines, app
+from mubench_probe.cli import app, note_lines
 from mubench_probe.config import TaskSpec, read_task_file
 from mubench_probe.errors import UsageError
 from mubench_probe.heads import PrototypeHead
@@ -229,7 +229,7 @@ def test_notes_are_grouped_by_kind_unless_verbose():
     notes += ["m: a single other note"]
     kinds = ["probe_c_edge"] * 6 + ["other"]
     table = pd.DataFrame({"metric": ["C_at_edge"] * 10, "value": [1.0] * 6 + [0.0] * 4})
-    lines = _note_lines(_Res(notes, kinds, table), verbose=False)
+    lines = note_lines(_Res(notes, kinds, table), verbose=False)
     edge = "a probe chose an edge of the C grid in 6 of 10 fits (widen --probe-cs): see run.json"
     assert sorted(lines) == sorted(["m: a single other note", edge])
-    assert len(_note_lines(_Res(notes, kinds, table), verbose=True)) == 7
+    assert len(note_lines(_Res(notes, kinds, table), verbose=True)) == 7

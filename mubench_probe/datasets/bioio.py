@@ -145,7 +145,7 @@ class BioioSource:
             n_z, height, width = self.shape[2:]
             per_z = height * width * self.dtype.itemsize * len(chans)
             z1 = min(n_z, z + max(1, BLOCK_BYTES // max(per_z, 1)))
-            blk = self._block = (t, z, z1, chans, self._read(t, chans, z, z1))
+            blk = self._block = (t, z, z1, chans, self.read_planes(t, chans, z, z1))
         return blk[4][chans.index(c), z - blk[1]]
 
     def _read_whole(self) -> np.ndarray:
@@ -161,8 +161,9 @@ class BioioSource:
             raise ImageDecodeError(f"cannot read the image: {type(exc).__name__}: {exc}") from exc
         return data.reshape(self.shape)
 
-    def _read(self, t: int, chans: tuple[int, ...], z0: int, z1: int) -> np.ndarray:
-        """(channels, z1 - z0, Y, X) in one compute, through bioio's labelled (xarray) view."""
+    def read_planes(self, t: int, chans: tuple[int, ...], z0: int, z1: int) -> np.ndarray:
+        """(channels, z1 - z0, Y, X) in one compute, through bioio's labelled (xarray) view: the one
+        place planes are read from a file, so what a render costs in reads can be counted here."""
         try:
             xr = self._reader.xarray_dask_data
             sel: dict[str, Any] = {"T": t, "Z": slice(z0, z1)}

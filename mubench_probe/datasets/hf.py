@@ -20,6 +20,24 @@ MUBENCH_REVISION = "3f2c5b590bc7a208d5b60f3527ce4c76a331aa2b"
 MUBENCH_SPLIT = "test"
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
 NESTED = ("captions", "questions")
+# The per-row metadata columns of μ-Bench's test split (besides `image` and the NESTED dicts), in
+# its order: what the bundled sample reproduces (scripts/make_sample.py) and the tests check.
+MUBENCH_METADATA_COLUMNS = (
+    "image_id",
+    "label",
+    "label_name",
+    "dataset",
+    "domain",
+    "subdomain",
+    "modality",
+    "submodality",
+    "stain",
+    "ncbitaxon_name",
+    "microns_per_pixel",
+    "split",
+    "synthetic",
+    "license",
+)
 
 
 @dataclass

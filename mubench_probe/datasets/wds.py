@@ -49,6 +49,12 @@ _OPEN: OrderedDict[tuple[int, str], Any] = OrderedDict()  # per process: file ha
 _OPEN_MAX = 4
 
 
+def close_shards() -> None:
+    """Close this process's open shard handles (the next read reopens what it needs)."""
+    while _OPEN:
+        _OPEN.popitem(last=False)[1].close()
+
+
 def _handle(url: str) -> Any:
     key = (os.getpid(), url)
     if key in _OPEN:

@@ -5,7 +5,7 @@ Votes are exp(similarity / T) (T = 0.07, as in DINO's evaluation). Neighbours co
 similarity are ordered by training index, so duplicates tie the same way on every machine.
 A class absent from the training rows can never be predicted (it gets no votes).
 
-At scale (`index` = a FAISS factory such as "IVF4096,Flat" or "HNSW32", see `index.ann_index`)
+At scale (`index` = a FAISS factory such as "IVF4096,Flat" or "HNSW32", built by `ann.build`)
 an approximate index proposes the candidates instead; they are still re-scored and ranked
 exactly, and `recall` measures the index against exact search on a sample of queries. A
 gallery given as rows of a larger array (`fit(..., rows=)`) is never copied whole.
@@ -20,6 +20,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DEFAULT_KS, TEMPERATURE
+from ..faiss_factory import EXACT
+from . import ann
 from .scoring import RowView, grid, top_k, validate_fit
 
 
@@ -61,7 +63,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         ks: Sequence[int] = DEFAULT_KS,
         temperature: float = TEMPERATURE,
         n_classes: int | None = None,
-        index: str = "Flat",
+        index: str = EXACT,
         device: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -81,17 +83,15 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.x_: np.ndarray | RowView = X if isinstance(X, RowView) else np.ascontiguousarray(X)
         self.grid_ = grid(self.x_)  # once: every block of queries is scored on this gallery's grid
         self.ann_ = None
-        if self.index != "Flat":
-            from ..index import ann_index
-
-            self.ann_ = ann_index(self.x_, self.index, seed=self.seed, device=self.device)
+        if self.index != EXACT:
+            self.ann_ = ann.build(self.x_, self.index, seed=self.seed, device=self.device)
         return self
 
     def _candidates(self):
         if self.ann_ is None:
             return None
-        ann = self.ann_
-        return lambda q, kk: ann.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1]
+        index = self.ann_
+        return lambda q, kk: index.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1]
 
     def neighbours(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores and gallery positions of the top-k (candidates from the index, if any)."""
@@ -104,10 +104,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         """Fraction of the exact top-k (exact search) that this head's neighbours hold (1.0 for Flat)."""
         if self.ann_ is None:
             return 1.0
-        k = min(k, len(self.x_))
-        exact = top_k(self.x_, np.asarray(X, dtype=np.float32), k, gallery_grid=self.grid_)[1]
-        found = self.neighbours(X, k)[1]
-        return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(exact, found, strict=True)]))
+        return ann.recall(self.neighbours, self.x_, X, k, gallery_grid=self.grid_)
 
     def predict_all(self, X: np.ndarray) -> dict[int, np.ndarray]:
         check_is_fitted(self)

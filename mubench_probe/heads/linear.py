@@ -11,7 +11,7 @@ How C is chosen, and why:
   Here the sweep stops only after the score has *risen above its starting value and then
   fallen* below the best for `patience` consecutive steps; a flat start or a plateau never
   stops it. The chosen C has the best validation score (`select`: log-loss by default, see
-  `validation_score` and README "Choosing C under a class-mix shift"), ties going to the smaller C (the
+  `validation_score` and docs/benchmarks.md, "Choosing C under a class-mix shift"), ties going to the smaller C (the
   same rule as an exhaustive sweep over the grid).
 - The final model is refit on train + validation with the chosen C, warm-started.
 - The objective is scikit-learn's LogisticRegression (lbfgs) objective, to the letter: mean

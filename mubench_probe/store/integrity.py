@@ -13,8 +13,8 @@ or labels rewritten through Zarr, pass every checksum. So a run also records, at
 
 Runs written before these digests (`provenance.digests` absent) still open and verify, with a
 note (`legacy_note`). This module holds the digest definitions and the small file checks
-(leftover `.partial` files, group metadata, reused pids); `store.py` applies them. Both are the
-store: all Zarr I/O stays in these two modules.
+(leftover `.partial` files, group metadata, reused pids), without Zarr I/O; `checks.py` and
+`run.py` apply them.
 """
 
 from __future__ import annotations
