@@ -83,7 +83,7 @@ def _job_result(job: Any) -> Any:
 # ---- local processes ------------------------------------------------------------------------------
 
 
-def _visible_gpus(index: int, per_shard: int) -> str:
+def visible_gpus(index: int, per_shard: int) -> str:
     """The CUDA_VISIBLE_DEVICES of shard `index`: its own `per_shard` devices, round-robin over the node's."""
     have = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = [d for d in have.split(",") if d.strip()] if have else None
@@ -130,7 +130,7 @@ def launch_local(
         jobfile = _new_file(folder, f"{name}-{i}-of-{len(calls)}-", ".pkl", pickle.dumps(call))
         env = dict(os.environ)
         if gpus_per_call > 0:
-            env["CUDA_VISIBLE_DEVICES"] = _visible_gpus(i, gpus_per_call)
+            env["CUDA_VISIBLE_DEVICES"] = visible_gpus(i, gpus_per_call)
         proc = subprocess.Popen(
             [sys.executable, "-m", "mubench_probe.engines", str(jobfile)],
             env=env,

@@ -174,14 +174,14 @@ def test_torchrun_runs_one_shard_per_rank(tmp_path, reference):
 
 
 def test_each_local_shard_sees_its_own_gpus(monkeypatch):
-    from mubench_probe.engines import _visible_gpus
+    from mubench_probe.engines import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    assert [_visible_gpus(i, 1) for i in range(5)] == ["0", "1", "2", "3", "0"]
-    assert [_visible_gpus(i, 2) for i in range(2)] == ["0,1", "2,3"]
+    assert [visible_gpus(i, 1) for i in range(5)] == ["0", "1", "2", "3", "0"]
+    assert [visible_gpus(i, 2) for i in range(2)] == ["0,1", "2,3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr("subprocess.run", lambda *a, **k: (_ for _ in ()).throw(OSError("no nvidia-smi")))
-    assert _visible_gpus(0, 1) == ""  # no GPU: nothing to restrict
+    assert visible_gpus(0, 1) == ""  # no GPU: nothing to restrict
 
 
 def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
