@@ -119,3 +119,29 @@ def make_store(
                 for t in row:
                     text_vectors.setdefault(t, text_by_class[cls])
     return write_run(path, x, meta, text_vectors=text_vectors, templates=templates, model=model)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3 emulator (moto in server mode) with a bucket `bucket`; the environment points fsspec
+    (and child processes) at it. tests/test_scale.py has its own, module-wide one."""
+    s3fs = pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    import boto3
+
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # none made for another endpoint may be reused
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bucket")
+    yield client
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -339,31 +339,6 @@ def test_csv_manifest_on_an_object_store(tmp_path, real_crops, memory_fs, monkey
     assert join_entry("s3://bucket/data", "gs://b/a.png") == join_entry("/local", "gs://b/a.png") == "gs://b/a.png"
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A local S3 emulator (moto in server mode); the environment points fsspec at it."""
-    s3fs = pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    import boto3
-
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # none made for another endpoint may be reused
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="bucket")
-    yield client
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
 @pytest.mark.s3
 def test_csv_manifest_on_s3_read_by_loader_workers(tmp_path, real_crops, s3):
     """The reported command, `--dataset s3://bucket/data/m.csv`, against an S3 emulator; the
