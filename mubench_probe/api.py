@@ -29,15 +29,17 @@ from .config import (
 )
 from .datasets import FORMATS, MUBENCH_ID, DatasetFormat, LoadedDataset, load_dataset
 from .encoders import BACKENDS, MUBENCH_MODELS, Backend
+from .engines import Resources
 from .errors import StoreError, UsageError
 from .locations import store_exists
 from .repair import RepairReport, extract_command
+from .report import printable
 from .results import ResultsDir
 from .store import DEFAULT_STORE, EmbeddingStore, describe
 
 if TYPE_CHECKING:
     from .comparison import CompareResult
-    from .engines import Launch, Resources
+    from .engines import Launch
     from .evaluation import EvaluationResult, Unit
     from .export import ExportReport
     from .extraction import ExtractReport, NotifyFn, ProgressFn
@@ -55,6 +57,7 @@ __all__ = [
     "EvalConfig",
     "ExtractConfig",
     "RepairReport",
+    "Resources",
     "TaskSpec",
     "compare",
     "default_results_dir",
@@ -71,8 +74,10 @@ __all__ = [
     "mubench_table1",
     "open_dataset",
     "open_store",
+    "printable",
     "read_task_file",
     "repair_store",
+    "robustness_summary",
     "search",
     "store_info",
     "store_status",
@@ -99,7 +104,9 @@ def open_store(path: str | Path = DEFAULT_STORE, create: bool = False) -> Embedd
 
 def _templates(templates: str | Path | Sequence[str] | None) -> tuple[str, ...]:
     """A templates file (None = the defaults) or the templates themselves."""
-    return tuple(templates) if isinstance(templates, list | tuple) else read_templates(templates)
+    if templates is None or isinstance(templates, str | Path):
+        return read_templates(templates)
+    return tuple(templates)
 
 
 def default_results_dir(store: str | Path) -> Path:
@@ -327,7 +334,9 @@ def list_tasks(
     return task_table(st, config or EvalConfig(), models)
 
 
-def _results_and_store(source: str | Path, models: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+def _results_and_store(
+    source: str | Path, models: Sequence[str] | None
+) -> tuple[pd.DataFrame, pd.DataFrame, str | Path]:
     """A store (evaluated into results/<name>, cached) or a results folder (whose run.json names its store)."""
     if store_exists(source):
         res = evaluate(source, models=models, results_dir=default_results_dir(source))
@@ -443,13 +452,21 @@ def interpolate(
 
 def mubench_table1(table: pd.DataFrame) -> pd.DataFrame:
     """Pooled μ-Bench caption accuracy per model, in the layout of the paper's Table 1."""
-    from .evaluation import mubench_table1 as table1
+    from .summaries import mubench_table1 as table1
 
     return table1(table)
 
 
+def robustness_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, how much of its perception (linear probe) and of its alignment (zero-shot) survives
+    the perturbations every model was extracted with (empty without perturbed runs)."""
+    from .robustness import summary as by_model
+
+    return by_model(table)
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI)."""
-    from .evaluation import summary as summ
+    from .summaries import summary as summ
 
     return summ(table)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from .errors import UsageError
 from .heads.metrics import DEFAULT_BOOTSTRAP, paired_difference
+from .robustness import summary as robustness_summary
 from .similarity import linear_cka, mcnemar, mutual_knn
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class CompareResult:
     figures: list[Path] = field(default_factory=list)
     report: Path | None = None
     text_cka: pd.DataFrame = field(default_factory=pd.DataFrame)
+    robustness: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per model (robustness.summary)
 
 
 def side_by_side(
@@ -159,4 +161,5 @@ def compare_models(
         r.model_spec: text_prototypes(r.prompts(), r.texts(), r.text_embeddings()) for r in group if r.has_text
     }
     text_cka = similarity_matrices(prototypes, k=0)[0] if len(prototypes) > 1 else pd.DataFrame()
-    return CompareResult(side, pairs, cka, mknn, text_cka=text_cka), embeddings, meta
+    result = CompareResult(side, pairs, cka, mknn, text_cka=text_cka, robustness=robustness_summary(table))
+    return result, embeddings, meta

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import UsageError
 from .faiss_factory import check_factory
+from .head_specs import C_GRID_HEADS, HEADS
 
 # ---- defaults shared with the heads (kept here so that reading them imports nothing heavy) --------
 DEFAULT_KS = (1, 5, 10, 20)
@@ -37,8 +38,6 @@ FALLBACK_C = 0.1
 DEFAULT_BOOTSTRAP = 1000
 CI_METHODS = ("percentile", "basic")
 
-HEADS = ("zs_caption", "zs_prompt", "lp", "knn", "proto", "fewshot", "retrieval", "batch", "map")
-PROBE_HEADS = frozenset({"lp", "knn", "proto", "fewshot"})
 # kfold: stratified (grouped by the task's group column where it has one); split: the `split`
 # column; transfer: --train-where / --test-where; loso: leave one batch out (--batch).
 PROTOCOLS = ("kfold", "split", "transfer", "loso")
@@ -374,6 +373,7 @@ class ExtractConfig(_Config):
     target_mpp: float | None = None
     shard: tuple[int, int] | None = None  # (I, N): only the chunks ci with ci % N == I (see shard_of)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger image files are failed rows, never read
+    perturb: tuple[str, ...] = ()  # perturbation keys (perturb.py), each its own run beside the clean one
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -417,6 +417,10 @@ class ExtractConfig(_Config):
             raise UsageError("--max-file-bytes must be at least 1")
         if self.claim_timeout <= 0:
             raise UsageError("--claim-timeout must be positive")
+        from .perturb import parse_perturbations  # numpy is imported when a config is made, not with the CLI
+
+        perturb = (self.perturb,) if isinstance(self.perturb, str) else tuple(self.perturb or ())
+        object.__setattr__(self, "perturb", tuple(p.key for p in parse_perturbations(perturb)))
 
     @classmethod
     def from_provenance(
@@ -444,6 +448,7 @@ class ExtractConfig(_Config):
             z=pixels.get("z"),
             t=pixels.get("t"),
             target_mpp=pixels.get("target_mpp"),
+            perturb=(str(p["perturbation"]["key"]),) if isinstance(p.get("perturbation"), Mapping) else (),
         )
 
 
@@ -535,7 +540,7 @@ class EvalConfig(_Config):
         d = self.as_dict()
         d.pop("device")
         d.pop("tasks")  # each unit's key holds its own task's definition
-        probes = {"lp", "fewshot"} & set(self.heads)
+        probes = C_GRID_HEADS & set(self.heads)
         d["probe_backend"] = resolve_backend(self.probe_backend, self.device) if probes else "sklearn"
         for key, default in (
             ("knn_index", "Flat"),

@@ -56,3 +56,7 @@ class NothingToEvaluateError(ProbeError):
 class LoaderWorkerDiedError(ProbeError):
     """A data loader worker process died (the out-of-memory killer, a crashing decoder): the
     chunks finished before are kept and rerunning the same command resumes."""
+
+
+class NotFoundError(StoreError):
+    """A run or row the store does not hold (`probe browse` answers 404 for it)."""

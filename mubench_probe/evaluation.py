@@ -33,16 +33,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import robustness
 from .config import TaskSpec
 from .errors import StoreError, UsageError
+from .head_specs import heads_of
 from .heads.zeroshot import template_indices
 from .protocol import (
+    CAPTION_RUNNERS,
     EvalConfig,
     Output,
     TaskArrays,
+    batch_column,
     check_protocol,
-    evaluate_captions,
-    evaluate_retrieval,
     evaluate_task,
     task_config,
 )
@@ -53,7 +55,8 @@ from .tasks import derive_tasks, prompt_texts, resolve_task
 
 def provenance_hash(run: Run) -> str:
     p = run.provenance
-    ident = {k: p.get(k) for k in IDENTITY_KEYS}
+    # "perturbation" is absent from clean runs: left out, so results cached before it existed are found
+    ident = {k: p.get(k) for k in IDENTITY_KEYS if k != "perturbation" or k in p}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -125,18 +128,21 @@ def compute_unit(spec: UnitSpec) -> tuple[str, Output, float]:
     """Compute one unit in a worker process (a loky worker, a Ray task, a Slurm job): (key, output, seconds)."""
     t0 = time.perf_counter()
     arrays = _worker_arrays(spec)
-    payload = None
+    payload: Any = None
     if spec.kind == "task":
         if spec.task is None:
             raise UsageError(f"unit {spec.task_name} has no task definition")
         payload = (resolve_task(spec.task, arrays.meta), list(spec.templates))
+    elif spec.kind == "robustness":  # the twins are found again in the store (robustness.py)
+        task = resolve_task(spec.task, arrays.meta) if spec.task is not None else None
+        payload = (task, list(spec.templates), robustness.ready_twins(EmbeddingStore(spec.store), arrays.run)[0])
     unit = Unit(arrays.run, spec.kind, spec.task_name, spec.key, payload, arrays, spec.channel)
     return spec.key, run_unit(unit, spec.cfg), time.perf_counter() - t0
 
 
 def _spec(store: EmbeddingStore, unit: Unit, cfg: EvalConfig) -> UnitSpec:
-    templates = tuple(unit.payload[1]) if unit.kind == "task" else ()
-    task = unit.payload[0].spec if unit.kind == "task" else None
+    templates = tuple(unit.payload[1]) if unit.kind in ("task", "robustness") else ()
+    task = unit.payload[0].spec if unit.kind in ("task", "robustness") and unit.payload[0] is not None else None
     return UnitSpec(
         str(store.path), unit.run.path, unit.kind, unit.task_name, templates, unit.key, cfg, unit.channel, task
     )
@@ -293,7 +299,7 @@ def plan_units(
                 continue
             check_protocol(arrays.meta, task_config(cfg, task))
         run_tasks = [t for t in run_tasks if t.n_classes >= 2]
-        caption_heads = {"zs_caption", "retrieval"} & set(cfg.heads)
+        caption_heads = {s.name for s in heads_of("captions")} & set(cfg.heads)
         if cfg.tasks:
             caption_heads = set()  # user-defined tasks replace the built-in ones, the μ-Bench captions too
         if run.has_text and run.caption_keys() and caption_heads:
@@ -309,6 +315,16 @@ def plan_units(
                 if _wanted(task.name, tasks):
                     key = unit_key(run, task.name, cfg, tmpl, channel, task.spec)
                     units.append(Unit(run, "task", task.name, key, (task, tmpl), view, channel))
+        twins, twin_notes = robustness.ready_twins(store, run)  # perturbed twins: robustness/<task> units
+        notes += twin_notes
+        captioned = [None] if twins and run.has_text and caption_heads and run.caption_keys() else []
+        for twin_task in [*captioned, *(run_tasks if twins else [])]:
+            name = robustness.PREFIX + (twin_task.name if twin_task is not None else "mubench")
+            available.add(name)
+            if _wanted(name, tasks):
+                tag = json.dumps([tmpl, [[t.perturbation, provenance_hash(t)] for t in twins]])
+                key = unit_key(run, name, cfg, [tag], None, twin_task.spec if twin_task is not None else None)
+                units.append(Unit(run, "robustness", name, key, (twin_task, tmpl, twins), arrays))
     unmatched = [p for p in tasks or [] if not any(_wanted(name, [p]) for name in available)]
     if unmatched:
         raise UsageError(f"no task matches {unmatched}; tasks in {store.path}: {', '.join(sorted(available))}")
@@ -321,7 +337,6 @@ def task_table(store: EmbeddingStore, cfg: EvalConfig, models: Sequence[str] | N
     One row per (dataset, task): label column, rows, classes, the confounder (batch) column and its
     number of values, how folds are grouped and the protocol. Read from the metadata of one
     complete run per dataset (every model of a dataset shares its rows)."""
-    from .protocol import batch_column
 
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -369,13 +384,24 @@ def run_unit(unit: Unit, cfg: EvalConfig) -> Output:
     a = unit.arrays or RunArrays(run)
     x, valid, meta, texts, text_emb = a.x, a.valid, pixel_size_bins(a.meta), a.texts, a.text_emb
     if unit.kind == "captions":
+        if text_emb is None:
+            raise StoreError(f"{run.path}: caption units need the run's text embeddings")
         caps = {k: run.captions(k) for k in run.caption_keys()}
         out = Output()
-        if "zs_caption" in cfg.heads:
-            out.extend(evaluate_captions(x, text_emb, caps, meta, valid, cfg))
-        if "retrieval" in cfg.heads:
-            out.extend(evaluate_retrieval(x, text_emb, caps, meta, valid, cfg))
+        for spec in heads_of("captions"):
+            if spec.name in cfg.heads:
+                out.extend(CAPTION_RUNNERS[spec.name](x, text_emb, caps, meta, valid, cfg))
         return out
+    if unit.kind == "robustness":  # heads trained on clean rows, scored on perturbed twins (robustness.py)
+        task, templates, twins = unit.payload
+        valid, shifted = robustness.twin_arrays(twins, valid)
+        if task is None:
+            if text_emb is None:
+                raise StoreError(f"{run.path}: caption units need the run's text embeddings")
+            caps = {k: run.captions(k) for k in run.caption_keys()}
+            return robustness.evaluate_caption_twins(x, text_emb, caps, meta, valid, shifted, cfg)
+        arrays = _task_arrays(run, x, valid, meta, task, templates, texts, text_emb)
+        return robustness.evaluate_twins(arrays, shifted, cfg)
     task, templates = unit.payload
     arrays = _task_arrays(run, x, valid, meta, task, templates, texts, text_emb)
     return evaluate_task(arrays, cfg)
@@ -511,64 +537,3 @@ def _versions() -> dict[str, str]:
     from .config import package_versions
 
     return package_versions()
-
-
-SUMMARY_COLUMNS = {
-    # column: (head, metric) candidates, first found wins; ZS is the caption protocol on μ-Bench
-    # rows and class-prompt zero-shot on task rows
-    "ZS": (("zs_prompt", "accuracy"), ("zs_caption", "accuracy")),
-    "LP": (("lp", "accuracy"),),
-    "kNN@10": (("knn@10", "accuracy"),),
-    "kNN-NSB@10": (("knn_nsb@10", "accuracy"),),
-    "proto": (("proto", "accuracy"),),
-    "gap LP-ZS": (("alignment", "lp_minus_zs"),),
-    "I->T R@1": (("image_to_text", "R@1"),),
-    "T->I R@1": (("text_to_image", "R@1"),),
-}
-
-
-def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per model x task: ZS, LP, kNN@10, prototype and the LP - ZS gap (value and CI).
-
-    Per-caption-key μ-Bench rows are left to the files; the pooled coarse/fine rows stay.
-    """
-    if table.empty:
-        return pd.DataFrame()
-    per_key = table["task"].str.startswith("mubench/") & ~table["task"].isin(["mubench/coarse", "mubench/fine"])
-    t = table[(table["stratum"] == "all") & table["seed"].isna() & ~per_key]
-    rows = []
-    for (model, task), g in t.groupby(["model", "task"], sort=True):
-        row: dict[str, Any] = {"model": model, "task": task}
-        for col, candidates in SUMMARY_COLUMNS.items():
-            row[col] = None
-            for head, metric in candidates:
-                m = g[(g["head"] == head) & (g["metric"] == metric)]
-                if len(m):
-                    row[col] = tuple(m.iloc[0][["value", "ci_low", "ci_high"]])
-                    break
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def mubench_table1(table: pd.DataFrame) -> pd.DataFrame:
-    """Pooled μ-Bench caption accuracy per model, as the paper's Table 1 shows it.
-
-    Columns: model, coarse, coarse_ci, coarse_n, fine, fine_ci, fine_n (accuracy, CI half-width
-    |high - estimate|, rows). Empty when the results have no pooled caption scores.
-    """
-    t = table[
-        (table["head"] == "zs_caption")
-        & (table["stratum"] == "all")
-        & table["task"].isin(["mubench/coarse", "mubench/fine"])
-    ]
-    rows = []
-    for model, g in t.groupby("model", sort=True):
-        row: dict[str, Any] = {"model": model}
-        for group in ("coarse", "fine"):
-            acc = g[(g["task"] == f"mubench/{group}") & (g["metric"] == "accuracy")]
-            half = g[(g["task"] == f"mubench/{group}") & (g["metric"] == "ci_half_width")]
-            row[group] = float(acc["value"].iloc[0]) if len(acc) else float("nan")
-            row[f"{group}_ci"] = float(half["value"].iloc[0]) if len(half) else float("nan")
-            row[f"{group}_n"] = int(acc["n"].iloc[0]) if len(acc) and acc["n"].iloc[0] == acc["n"].iloc[0] else 0
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -15,151 +15,41 @@ ci belongs to shard ci mod N, `config.shard_of`), and shard 0 also encodes the t
 processes on any machines then fill one store; two processes of the same shard split its chunks
 through the claims, so a shard can be rerun, killed or run twice without harm. Every chunk is
 computed exactly as a single process computes it, so the store is byte-identical.
+
+Perturbed runs (`ExtractConfig.perturb`, see perturb.py) are runs of their own beside the clean
+one (`prepare(..., perturbation)`); a sweep of them is filled with one decode per row (sweep.py),
+then each run goes through `run_extraction` like any run (what is left, texts, report).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import re
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from . import allocator
 from .claims import HOST, ChunkClaims, ClaimInfo
-from .config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ExtractConfig, package_versions, shard_of
-from .datasets import LoadedDataset, reads_planes, row_source, slug
-from .datasets.base import limit_file_size, row_file_name
+from .config import DEFAULT_MAX_FILE_BYTES, ExtractConfig, package_versions, shard_of
+from .datasets import LoadedDataset, slug
 from .encoders import Encoder
-from .errors import ImageDecodeError, LoaderWorkerDiedError
-from .imaging import IntensityPolicy, PixelSpec, get_policy, load_rgb, render, stable_message
+from .errors import LoaderWorkerDiedError
+from .image_rows import ImageRows, _collate, _worker_init, cpu_threads_for, input_shape, row_mpp
+from .imaging import PixelSpec, get_policy
+from .loader_deaths import WorkerRows, dead_workers, stop_workers, worker_death
+from .perturb import Perturbation, parse_perturbations
 from .store import EmbeddingStore, Run, RunLayout, l2_normalize
-from .tasks import derive_tasks, prompt_texts, unique_texts
+from .store.layout import model_dir
+from .sweep import extract_sweep
+from .text_plan import caption_tables, plan_texts
 
 ProgressFn = Callable[[int], None]
 NotifyFn = Callable[[str], None]
 WAIT_POLL_S = 0.25  # how often a writer looks again at chunks other writers hold
-
-
-def row_mpp(ds: LoadedDataset) -> np.ndarray:
-    """Each row's physical pixel size in µm (NaN where unknown), from `microns_per_pixel`."""
-    if "microns_per_pixel" not in ds.meta.columns:
-        return np.full(len(ds), np.nan, dtype=np.float32)
-    mpp = pd.to_numeric(ds.meta["microns_per_pixel"], errors="coerce").to_numpy(dtype=np.float32)
-    return np.where(mpp > 0, mpp, np.nan).astype(np.float32)
-
-
-def failure_reason(exc: BaseException, file_name: str | None) -> str:
-    """The stored reason of a failed row: the error's type and text (object reprs removed) and
-    the row's file when the text does not name it already. The same bytes in every run."""
-    text = stable_message(exc)
-    if file_name and file_name not in text:
-        text += f" (file {file_name})"
-    return f"{type(exc).__name__}: {text}"
-
-
-class WorkerRows:
-    """Which row each loader worker is decoding, in memory shared with the workers: a worker
-    killed by the out-of-memory killer says nothing, so the main process looks here to name
-    the row it died on."""
-
-    def __init__(self, workers: int) -> None:
-        self.pids = multiprocessing.RawArray("q", max(1, workers))
-        self.rows = multiprocessing.RawArray("q", max(1, workers))  # row + 1; 0: between rows
-
-    def start(self, i: int) -> None:
-        info = get_worker_info()
-        if info is not None:
-            self.pids[info.id], self.rows[info.id] = os.getpid(), int(i) + 1
-
-    def finish(self) -> None:
-        info = get_worker_info()
-        if info is not None:
-            self.rows[info.id] = 0
-
-    def rows_of(self, pids: set[int]) -> list[int]:
-        """The rows the workers with these pids were decoding when they stopped."""
-        return sorted(self.rows[w] - 1 for w in range(len(self.pids)) if self.pids[w] in pids and self.rows[w])
-
-
-class ImageRows(Dataset):
-    """Row i -> (i, tensor, failure reason); an unreadable image yields zeros and a reason.
-
-    The tensor is one preprocessed image, or (K, 3, H, W) with `--channel-mode each`. Single 2-D
-    images with the default pixel settings take the original bytes -> RGB path; everything else
-    (bioio files, channels, stacks, a target pixel size) goes through `imaging.render`. Files
-    over `max_file_bytes` (and anything but regular files) are failed rows, never read.
-    """
-
-    watch: WorkerRows | None = None  # set by the extraction loop: rows in progress per loader worker
-
-    def __init__(
-        self,
-        ds: LoadedDataset,
-        transform: Callable[[Any], torch.Tensor],
-        policy: IntensityPolicy,
-        shape: tuple[int, ...],
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        spec: PixelSpec | None = None,
-        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    ) -> None:
-        self.reader = limit_file_size(ds.reader, max_file_bytes)
-        self.transform, self.policy, self.shape = transform, policy, shape
-        self.max_pixels = max_pixels
-        self.spec = spec or PixelSpec(policy, max_pixels=max_pixels)
-        self.k = self.spec.n_images
-        self.legacy = self.spec.is_default and not reads_planes(self.reader)
-        self.mpp = row_mpp(ds) if self.spec.target_mpp is not None else None
-        self.item_shape = (self.k, *shape) if self.spec.channel_mode == "each" else shape
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
-        if self.watch is not None:
-            self.watch.start(i)
-        try:
-            return i, self._tensor(i), ""
-        except (ImageDecodeError, OSError, ValueError) as exc:
-            return i, torch.zeros(self.item_shape), failure_reason(exc, row_file_name(self.reader, i))
-        finally:
-            if self.watch is not None:
-                self.watch.finish()
-
-    def _tensor(self, i: int) -> torch.Tensor:
-        if self.legacy:
-            return self.transform(load_rgb(self.reader.read(i), self.policy, self.max_pixels))
-        src = row_source(self.reader, i, self.max_pixels)
-        mpp = float(self.mpp[i]) if self.mpp is not None else None
-        images = render(src, self.spec, mpp, tuple(self.shape[-2:]))  # type: ignore[arg-type]
-        if self.spec.channel_mode == "each":
-            return torch.stack([self.transform(im) for im in images])
-        return self.transform(images[0])
-
-
-def _worker_init(worker: int) -> None:
-    """Loader workers keep the allocator settings and yield the CPU to the model's threads
-    (decode fills the idle gaps)."""
-    allocator.worker_init(worker)
-    try:
-        os.nice(10)
-    except OSError:  # not permitted on some systems; priority is an optimisation only
-        return
-
-
-def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    rows, xs, reasons = zip(*items, strict=True)
-    return list(rows), torch.stack(xs), list(reasons)
 
 
 def chunk_batches(layout: RunLayout, chunks: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -169,13 +59,6 @@ def chunk_batches(layout: RunLayout, chunks: Sequence[int], batch_size: int) -> 
         sl = layout.chunk_slice(ci)
         out += [list(range(s, min(s + batch_size, sl.stop))) for s in range(sl.start, sl.stop, batch_size)]
     return out
-
-
-def input_shape(encoder: Encoder) -> tuple[int, ...]:
-    """The tensor shape the encoder's transform produces (used for failed rows' placeholders)."""
-    from PIL import Image
-
-    return tuple(encoder.transform(Image.new("RGB", (32, 32))).shape)
 
 
 class ClaimingBatches:
@@ -219,6 +102,8 @@ class ExtractReport:
     repaired: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. rows without a pixel size under --target-mpp
     shard: tuple[int, int] | None = None
+    perturbation: str | None = None  # the key of a perturbed run (None: clean)
+    perturbed: list[ExtractReport] = field(default_factory=list)  # the clean run's perturbed twins, extracted after it
 
     @property
     def images_per_second(self) -> float:
@@ -226,34 +111,15 @@ class ExtractReport:
         return 0.0 if self.image_seconds <= 0 else self.rows / self.image_seconds
 
 
-def caption_tables(ds: LoadedDataset, text_index: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per caption key: (N, K) option text indices (-1 pad) and the answer index (-1 if null)."""
-    out = {}
-    for key, items in ds.captions.items():
-        k = max((len(it.options) for it in items if it is not None), default=1)
-        options = np.full((len(items), k), -1, dtype=np.int32)
-        answer = np.full(len(items), -1, dtype=np.int32)
-        for i, it in enumerate(items):
-            if it is None or not 0 <= it.answer_idx < len(it.options):
-                continue
-            options[i, : len(it.options)] = [text_index[o] for o in it.options]
-            answer[i] = it.answer_idx
-        out[key] = (options, answer)
-    return out
-
-
-def plan_texts(ds: LoadedDataset, templates: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """Every unique text the heads need, and the class-prompt plan (task -> classes)."""
-    tasks = derive_tasks(ds.meta)
-    options = (it.options for items in ds.captions.values() for it in items if it is not None)
-    prompts = (t for task in tasks for row in prompt_texts(task.classes, templates) for t in row)
-    texts = unique_texts([prompts, (o for opts in options for o in opts)])
-    plan = {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}}
-    return texts, plan
-
-
-def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: ExtractConfig) -> Run:
-    """Create or reopen (and repair) the run group for (encoder, dataset) with full provenance.
+def prepare(
+    store: EmbeddingStore,
+    encoder: Encoder,
+    ds: LoadedDataset,
+    config: ExtractConfig,
+    perturbation: Perturbation | None = None,
+) -> Run:
+    """Create or reopen (and repair) the run group for (encoder, dataset) with full provenance;
+    with a `perturbation`, its perturbed twin (`MODEL~KEY/DATASET/SPLIT`, keyed in provenance).
 
     `max_pixels` is provenance and identity: it does not change any image under the limit, but
     rows over it are failed rows, so runs made with different limits must not be mixed. So is
@@ -290,45 +156,13 @@ def prepare(store: EmbeddingStore, encoder: Encoder, ds: LoadedDataset, config: 
         "allocator": allocator.describe(),
         "memory_format": str(encoder.memory_format).removeprefix("torch."),
     }
+    if perturbation is not None:  # absent in clean runs, so they (and stores made before) stay as they were
+        provenance["perturbation"] = perturbation.provenance(row_mpp(ds))
     feature_dim = (info.feature_dim or info.embed_dim) if config.features else None
     channels = spec.n_images if spec.channel_mode == "each" else 0
     layout = RunLayout(len(ds), info.embed_dim, config.chunk_rows, config.dtype, feature_dim, channels)
-    path = f"{slug(info.spec)}/{ds.key}/{slug(ds.split)}"
+    path = f"{model_dir(slug(info.spec), slug(perturbation.key) if perturbation else None)}/{ds.key}/{slug(ds.split)}"
     return store.prepare_run(path, provenance, layout, ds.meta, texts, captions, plan, config.overwrite)
-
-
-@contextmanager
-def cpu_threads_for(encoder: Encoder, rows: ImageRows, sample_rows: Sequence[int], num_workers: int):
-    """On a CPU, give cores to the decode workers when the model is faster than the loader.
-
-    Torch's intra-op threads and the DataLoader workers share the same cores; idle torch threads
-    spin and steal them. Before the loop we time a forward of a few dummy inputs (all threads,
-    no workers running yet) and the decode+preprocess of a few real rows in this process: if
-    the workers together produce images slower than the model consumes them, the run is
-    data-bound and torch keeps only the cores the workers leave free. A model-bound run keeps
-    every thread. The previous setting is restored afterwards.
-    """
-    before = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    if encoder.device.type != "cpu" or num_workers == 0 or before <= 1 or not sample_rows:
-        yield before
-        return
-    t0 = time.perf_counter()
-    for i in sample_rows:
-        rows[i]
-    per_image_data = (time.perf_counter() - t0) / len(sample_rows)
-    dummy = torch.zeros((2, *rows.shape))  # one image each, whatever the channel mode
-    encoder.encode_images(dummy[:1])  # warm-up
-    t0 = time.perf_counter()
-    encoder.encode_images(dummy)
-    per_image_model = (time.perf_counter() - t0) / len(dummy)
-    data_bound = per_image_model < per_image_data / num_workers
-    threads = max(1, min(before, cores - num_workers)) if data_bound else before
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)
 
 
 def shard_chunks(n_chunks: int, shard: tuple[int, int] | None) -> list[int]:
@@ -354,60 +188,6 @@ def combine_channels(emb: np.ndarray) -> np.ndarray:
     return l2_normalize(emb.reshape(b * k, d)).reshape(b, k, d).mean(axis=1)
 
 
-_WORKER_DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (?:is )?([^.\n]*)")
-
-
-def _dead_workers(exc: RuntimeError) -> tuple[set[int], str] | None:
-    """(pids, cause) from torch's report of dead loader workers; None if `exc` is something else."""
-    m = _WORKER_DIED.search(str(exc))
-    return None if m is None else ({int(p) for p in re.findall(r"\d+", m.group(1))}, m.group(2).strip())
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _worker_death(
-    pids: set[int], cause: str, exit_codes: dict[int, int | None], rows: ImageRows, in_flight: list[tuple[int, int]]
-) -> str:
-    """One line for dead loader workers: how they died, the row each died on and its file, and
-    that a rerun resumes. A negative exit code is the signal (torch does not always say)."""
-    signals = sorted({-c for p, c in exit_codes.items() if p in pids and c is not None and c < 0})
-    if signals:
-        cause = "killed by " + ", ".join(_signal_name(n) for n in signals)
-    dead = rows.watch.rows_of(pids) if rows.watch is not None else []
-    if dead:
-        where = ", ".join(
-            f"row {r} (file {name})" if (name := row_file_name(rows.reader, r)) else f"row {r}" for r in dead
-        )
-    elif in_flight:
-        where = f"one of rows {in_flight[0][0]}-{in_flight[-1][1]}"
-    else:
-        where = "a row"
-    oom = "the out-of-memory killer sends SIGKILL: fewer --workers or a smaller --batch-size need less memory; "
-    return (
-        f"a data loader worker (pid {', '.join(map(str, sorted(pids)))}) died ({cause}) while decoding {where}; "
-        f"{oom if 'SIGKILL' in cause or 'Killed' in cause else ''}"
-        "finished chunks are saved: rerun the same command to resume"
-    )
-
-
-def _stop_workers(batches: Any) -> dict[int, int | None]:
-    """Shut a DataLoader's workers down now, and return their exit codes by pid. Torch otherwise
-    keeps watching the dead worker until the iterator is collected, and would raise its error
-    again at every later child exit (`_shutdown_workers` and `_workers` are torch's own)."""
-    stop = getattr(batches, "_shutdown_workers", None)
-    if callable(stop):
-        try:
-            stop()
-        except RuntimeError:  # another worker's exit re-reported the dead one; the workers are stopped by now
-            pass
-    return {w.pid: w.exitcode for w in getattr(batches, "_workers", ())}
-
-
 def _fill(
     run: Run,
     encoder: Encoder,
@@ -421,6 +201,7 @@ def _fill(
     claims: ChunkClaims,
     max_pixels: int,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    perturbation: Perturbation | None = None,
 ) -> tuple[int, list[int], float]:
     """The hot loop: decode in workers, forward here, write whole chunks in a thread.
 
@@ -432,7 +213,8 @@ def _fill(
     """
     layout = run.layout
     features = layout.feature_dim is not None
-    dataset = ImageRows(ds, encoder.transform, spec.policy, input_shape(encoder), max_pixels, spec, max_file_bytes)
+    shape = input_shape(encoder)
+    dataset = ImageRows(ds, encoder.transform, spec.policy, shape, max_pixels, spec, max_file_bytes, perturbation)
     if num_workers > 0:
         dataset.watch = WorkerRows(num_workers)
     sampler = ClaimingBatches(run, claims, chunks, batch_size)
@@ -503,12 +285,12 @@ def _fill(
                         f.result()  # surface a write error now, not at the end
                         pending.remove(f)
         except RuntimeError as exc:  # torch's report of a dead worker (from its SIGCHLD handler, or polling)
-            dead = _dead_workers(exc)
+            dead = dead_workers(exc)
             if dead is None:
                 raise
-            codes = _stop_workers(batches_iter)
+            codes = stop_workers(batches_iter)
             batches_iter = None
-            raise LoaderWorkerDiedError(_worker_death(*dead, codes, dataset, sampler.dispatched[received:])) from None
+            raise LoaderWorkerDiedError(worker_death(*dead, codes, dataset, sampler.dispatched[received:])) from None
     for f in pending:
         f.result()
     return rows_done, written, time.perf_counter() - t_start - side
@@ -538,9 +320,15 @@ def run_extraction(
     progress: ProgressFn | None = None,
     claims: ChunkClaims | None = None,
     notify: NotifyFn | None = None,
+    perturbation: Perturbation | None = None,
+    texts_from: Run | None = None,
 ) -> ExtractReport:
     """Fill the missing chunks (and texts) of a prepared run. Safe to interrupt at any point,
-    and safe to run in several processes at once: they split the chunks through claims."""
+    and safe to run in several processes at once: they split the chunks through claims.
+
+    A perturbed run (`perturbation`, the one `prepare` keyed it by) perturbs each decoded image;
+    its text embeddings are the same as its clean twin's, copied from `texts_from` when that run
+    has them (the text encoder is not run again)."""
     spec, batch_size, num_workers, max_pixels = (
         PixelSpec.from_config(config),
         config.batch_size,
@@ -564,7 +352,10 @@ def run_extraction(
             run.reload()
             if not run.texts_done:
                 texts = run.texts_unchecked()
-                emb = encoder.encode_texts(texts, text_batch_size)
+                if texts_from is not None and texts_from.texts_done and texts_from.texts_unchecked() == texts:
+                    emb = texts_from.text_embeddings(normalize=False)
+                else:
+                    emb = encoder.encode_texts(texts, text_batch_size)
                 if claims.owns("texts"):
                     run.write_text_embeddings(emb)
                     claims.record_written("texts")
@@ -577,7 +368,8 @@ def run_extraction(
     reported = sum(_rows(layout, c) for c in mine) - sum(_rows(layout, c) for c in missing)
     if progress:
         progress(reported)
-    rows_done, image_seconds, written = 0, 0.0, []
+    rows_done, image_seconds = 0, 0.0
+    written: list[int] = []
     said: set[frozenset] = set()
     with claims:
         todo = missing
@@ -596,6 +388,7 @@ def run_extraction(
                     claims,
                     max_pixels,
                     config.max_file_bytes,
+                    perturbation,
                 )
                 rows_done, image_seconds, written = rows_done + n, image_seconds + secs, written + w
             else:
@@ -638,6 +431,7 @@ def run_extraction(
         repaired=list(run.repairs),
         notes=notes,
         shard=config.shard,
+        perturbation=perturbation.key if perturbation is not None else None,
     )
 
 
@@ -650,7 +444,52 @@ def extract_into(
     notify: NotifyFn | None = None,
 ) -> ExtractReport:
     """Create or reopen the run for (encoder, dataset) and fill its missing chunks: what extract,
-    interpolate and repair each do once their model is loaded."""
+    interpolate and repair each do once their model is loaded. With `config.perturb`, each
+    perturbation is then its own run, filled the same way; the clean run comes first and is only
+    extracted where it is missing (its report holds theirs in `perturbed`)."""
     allocator.tune()  # the forward pass's buffers stay in the heap (see allocator.py)
     run = prepare(store, encoder, ds, config)
-    return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)
+    perts = parse_perturbations(config.perturb)
+    if not perts:
+        return run_extraction(run, encoder, ds, config, progress=progress, notify=notify)
+    runs, targets = [run, *(prepare(store, encoder, ds, config, p) for p in perts)], [None, *perts]
+    mine = set(shard_chunks(run.layout.n_chunks, config.shard))
+    shared = extract_sweep(runs, targets, encoder, ds, PixelSpec.from_config(config), config, mine, progress)
+    reports = []
+    for i, (r, pert) in enumerate(zip(runs, targets, strict=True)):
+        chunks, secs = shared.get(i, ([], 0.0))
+        rows = sum(_rows(r.layout, c) for c in chunks)
+        rep = run_extraction(
+            r,
+            encoder,
+            ds,
+            config,
+            progress=_after(progress, rows),
+            notify=notify,
+            perturbation=pert,
+            texts_from=run if pert else None,
+        )
+        rep.rows, rep.chunks_written, rep.chunks_skipped = (
+            rep.rows + rows,
+            rep.chunks_written + len(chunks),
+            rep.chunks_skipped - len(chunks),
+        )
+        rep.image_seconds, rep.seconds = rep.image_seconds + secs, rep.seconds + secs
+        reports.append(rep)
+    reports[0].perturbed = reports[1:]
+    return reports[0]
+
+
+def _after(progress: ProgressFn | None, n: int) -> ProgressFn | None:
+    """`progress` without its first n rows (reported already, by the sweep that filled them)."""
+    if progress is None or n == 0:
+        return progress
+    left = [n]
+
+    def advance(k: int) -> None:
+        skip = min(left[0], k)
+        left[0] -= skip
+        if k > skip:
+            progress(k - skip)
+
+    return advance

@@ -66,7 +66,8 @@ def check_factory(spec: str, option: str = "--knn-index") -> None:
         raise UsageError(f"{option} {spec!r}: FAISS cannot build this index ({why}); {EXAMPLES}")
     if params:
         try:
-            faiss.ParameterSpace().set_index_parameters(index, params)
+            # faiss's stub declares the (index, str) variant after the (index, int) one without @overload
+            faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
         except RuntimeError as exc:
             raise UsageError(
                 f"{option} {spec!r}: FAISS cannot set {params!r} on {factory} ({faiss_message(exc)}); {EXAMPLES}"

@@ -316,7 +316,8 @@ class ArraySource:
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        return tuple(self.data.shape)  # type: ignore[return-value]
+        t, c, z, y, x = self.data.shape  # 5-D by construction (_from_2d_or_channels_last)
+        return t, c, z, y, x
 
     @property
     def dtype(self) -> np.dtype:

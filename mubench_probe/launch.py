@@ -74,10 +74,9 @@ def run_shard(job: ShardJob) -> list[dict[str, Any]]:
     The same steps as `api.extract`: an existing store is opened before the model loads, a new
     one created only once it has loaded (a failed load leaves nothing behind)."""
     # torch-heavy layers are imported here, when a shard runs, not when jobs are only built
-    from . import allocator
     from .datasets import load_dataset
     from .encoders import load_encoder
-    from .extraction import prepare, run_extraction
+    from .extraction import extract_into
     from .locations import store_exists
     from .store import EmbeddingStore
 
@@ -88,22 +87,22 @@ def run_shard(job: ShardJob) -> list[dict[str, Any]]:
         existing = EmbeddingStore(job.store) if store_exists(job.store) else None
         encoder = load_encoder(model, device=cfg.device, precision=cfg.precision)
         st = existing or EmbeddingStore(job.store, create=True)
-        allocator.tune()  # the forward pass's buffers stay in the heap (see allocator.py)
-        run = prepare(st, encoder, ds, cfg)
-        r = run_extraction(run, encoder, ds, cfg, notify=lambda line: print(f"note: {line}", flush=True))
-        out.append(
-            {
-                "model": r.model,
-                "shard": list(job.shard),
-                "chunks_written": r.chunks_written,
-                "chunks_skipped": r.chunks_skipped,
-                "chunks_by_others": r.chunks_by_others,
-                "rows": r.rows,
-                "seconds": round(r.seconds, 3),
-                "host": os.uname().nodename,
-                "pid": os.getpid(),
-            }
-        )
+        report = extract_into(st, encoder, ds, cfg, notify=lambda line: print(f"note: {line}", flush=True))
+        for r in [report, *report.perturbed]:  # the clean run, then its --perturb runs
+            out.append(
+                {
+                    "model": r.model,
+                    "perturbation": r.perturbation,
+                    "shard": list(job.shard),
+                    "chunks_written": r.chunks_written,
+                    "chunks_skipped": r.chunks_skipped,
+                    "chunks_by_others": r.chunks_by_others,
+                    "rows": r.rows,
+                    "seconds": round(r.seconds, 3),
+                    "host": os.uname().nodename,
+                    "pid": os.getpid(),
+                }
+            )
     return out
 
 

@@ -158,6 +158,13 @@ def query_vector(
     return l2_normalize(enc.encode_images(x)[0])[0], {"image": str(path)}
 
 
+def _text_side(arrays: RunArrays) -> tuple[np.ndarray, list[str]]:
+    """A run's text embeddings and texts (searching texts refuses an image-only run before this)."""
+    if arrays.text_emb is None or arrays.texts is None:
+        raise UsageError(f"{arrays.run.model_spec} is image-only: it has no texts to search")
+    return arrays.text_emb, arrays.texts
+
+
 def gallery(
     st: EmbeddingStore,
     run: Run,
@@ -175,10 +182,11 @@ def gallery(
     """
     cache = IndexCache(st.path)
     if to == "text":
-        idx_obj, info, _ = cache.get(run.path, "text", arrays.text_emb, EXACT)
+        text_emb, texts = _text_side(arrays)
+        idx_obj, info, _ = cache.get(run.path, "text", text_emb, EXACT)
         if notes is not None:
             notes += cache.notes
-        return arrays.text_emb, np.arange(len(arrays.texts)), idx_obj, info.__dict__
+        return text_emb, np.arange(len(texts)), idx_obj, info.__dict__
     emb = arrays.x
     if where:
         ids = np.flatnonzero(arrays.valid & where_mask(arrays.meta, where))
@@ -199,16 +207,25 @@ def hits(
     to: str,
     k: int,
     where: list[str] | None,
+    gallery_grid: float | None = None,
 ) -> list[dict[str, Any]]:
     """The top k, ranked by exact score (ties to the lower row, the same on every CPU), with metadata.
 
     The index proposes candidates; rows whose image failed are skipped, so the whole image
-    gallery asks for k plus their number.
+    gallery asks for k plus their number. `gallery_grid`: `scoring.grid(vectors)` when the caller
+    keeps the gallery for many queries (a server): finding it reads the whole gallery.
     """
     valid = arrays.valid
+    texts = _text_side(arrays)[1] if to == "text" else []
     extra = 0 if to == "text" or where else int((~valid).sum())
     kk = min(len(ids), k + extra)
-    scores, found = top_k(vectors, q[None], kk, candidates=lambda qs, n: idx_obj.search(qs.astype(np.float32), n)[1])
+    scores, found = top_k(
+        vectors,
+        q[None],
+        kk,
+        candidates=lambda qs, n: idx_obj.search(qs.astype(np.float32), n)[1],
+        gallery_grid=gallery_grid,
+    )
     out: list[dict[str, Any]] = []
     for s, j in zip(scores[0], found[0], strict=True):
         if j < 0:
@@ -218,7 +235,7 @@ def hits(
             continue
         hit: dict[str, Any] = {"rank": len(out) + 1, "score": float(s)}
         if to == "text":
-            hit.update(text_index=item, text=arrays.texts[item])
+            hit.update(text_index=item, text=texts[item])
         else:
             hit["row"] = item
             for col in META_COLUMNS:

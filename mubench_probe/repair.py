@@ -66,6 +66,7 @@ def extract_command(store: str | Path, record: dict[str, Any]) -> str:
     for key in ("z", "t", "target_mpp"):
         if getattr(cfg, key) is not None:
             cmd.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
+    cmd += [f"--perturb {q(k)}" for k in cfg.perturb]
     if cfg.templates != DEFAULT_TEMPLATES:
         templates = list(cfg.templates)
         cmd.append(f"--templates FILE  (FILE: the run's {len(templates)} templates, one per line: {templates!r})")

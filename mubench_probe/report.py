@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .head_specs import HEAD_SPECS
+
 # C0 and C1 controls, DEL, line/paragraph separators and bidi controls: what can move a terminal's
 # cursor, retitle its window, clear it, or reorder the text a person reads
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -88,7 +90,7 @@ def perception_vs_alignment(table: pd.DataFrame, path: Path) -> Path | None:
     models = sorted(t["model"].unique())
     plt = _plt()
     fig, axes = _grid(plt, len(tasks), (max(3.2, 1.4 + 0.9 * len(models)), 3.4))
-    handles = []
+    handles: list[Any] = []
     for ax, task in zip(axes, tasks, strict=True):
         g = t[t["task"] == task]
         width = 0.38
@@ -186,7 +188,7 @@ def embedding_map(
     drawn in grey as "other" so every legend colour stays distinct.
     """
     try:
-        import umap  # type: ignore[import-not-found]
+        import umap
 
         xy = umap.UMAP(random_state=seed).fit_transform(x)
         how = "UMAP"
@@ -196,17 +198,17 @@ def embedding_map(
         xy = xc @ vt[:2].T
         how = "PCA"
     plt = _plt()
-    labels = np.asarray(["(none)" if v is None or v != v else str(v) for v in labels])
-    levels, counts = np.unique(labels, return_counts=True)
+    names = np.asarray(["(none)" if v is None or v != v else str(v) for v in labels])
+    levels, counts = np.unique(names, return_counts=True)
     shown = [lv for _, lv in sorted(zip(-counts, levels, strict=True))][:60]
     colours = dict(zip(sorted(shown), palette(len(shown)), strict=True))
     legend_cols = 1 if len(shown) <= 20 else 2 if len(shown) <= 40 else 3
     fig, ax = plt.subplots(figsize=(5.0 + 1.9 * legend_cols, 4.4))
-    other = ~np.isin(labels, shown)
+    other = ~np.isin(names, shown)
     if other.any():
         ax.scatter(xy[other, 0], xy[other, 1], s=5, alpha=0.4, color="0.7", label=f"other ({other.sum()})")
     for lab in sorted(shown):
-        m = labels == lab
+        m = names == lab
         ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.75, label=f"{lab} ({m.sum()})", color=colours[lab])
     ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=legend_cols, frameon=False)
     ax.set_title(f"{_short(title)}: {how}, coloured by {color_by}", fontsize=8)
@@ -255,6 +257,7 @@ def build_report(
     written beside its path and renamed over it, so a link planted at either is replaced, never
     followed, and an interrupted report never leaves a half-written file.
     """
+    from . import report_robustness  # here, not at import: the CLI imports this module for `printable`
     from .errors import UsageError
 
     figdir = out.with_name(out.stem + "_figures")
@@ -281,6 +284,7 @@ def build_report(
             ),
             ("Weight interpolation: accuracy vs alpha", alpha_curve(shown, draw / "alpha_curve.png")),
             ("Calibration: reliability diagrams", reliability_diagram(shown, draw / "reliability.png")),
+            *report_robustness.figures(shown, draw, _plt, palette),
         ]
         for i, (model, x) in enumerate(embeddings.items()):
             for j, column in enumerate(color_by):
@@ -292,6 +296,8 @@ def build_report(
             ("Accuracy side by side (value, 95% CI)", result.side_by_side),
             ("Paired differences (bootstrap CI) and McNemar tests", result.pairwise),
         ]
+        if len(result.robustness):
+            sections.append(("Robustness per model (mean over matched perturbations)", result.robustness))
         page = write_html(out, title, sections)
         figures = []
         for _, p in named:
@@ -382,7 +388,7 @@ def alpha_points(table: pd.DataFrame) -> pd.DataFrame:
     ]
     rows = []
     for model, g in t.groupby("model"):
-        spec = parse_interp(model)
+        spec = parse_interp(str(model))
         for group, pick in ALPHA_GROUPS:
             sel = g[g["stratum"].map(pick)]
             for head, h in sel.groupby("head"):
@@ -432,7 +438,7 @@ def alpha_curve(table: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-CALIBRATION_HEADS = {"lp": "linear probe", "zs_prompt": "zero-shot (prompts)", "zs_caption": "zero-shot (captions)"}
+CALIBRATION_HEADS = {s.name: s.label for s in HEAD_SPECS.values() if s.calibrated}
 
 
 def reliability_diagram(table: pd.DataFrame, path: Path) -> Path | None:
@@ -471,7 +477,7 @@ def reliability_diagram(table: pd.DataFrame, path: Path) -> Path | None:
     ece = table[(table["metric"] == "ece") & (table["stratum"] == "all")]
     if "seed" in ece and ece["seed"].isna().any():
         ece = ece[ece["seed"].isna()]
-    ece = ece.groupby(["head", "model"])["value"].mean()
+    ece_mean = ece.groupby(["head", "model"])["value"].mean()
     heads = [h for h in CALIBRATION_HEADS if h in set(pooled["head"])]
     heads += sorted(set(pooled["head"]) - set(heads))
     models = sorted(pooled["model"].unique())
@@ -484,7 +490,7 @@ def reliability_diagram(table: pd.DataFrame, path: Path) -> Path | None:
             g = pooled[(pooled["head"] == head) & (pooled["model"] == model)].sort_values("bin")
             if g.empty:
                 continue
-            e = ece.get((head, model), np.nan)
+            e = ece_mean.get((head, model), np.nan)
             label = _short(model) + (f" (ECE {e:.3f})" if e == e else "")
             ax.plot(g["confidence"], g["accuracy"], "-o", ms=3, color=colours[model], label=label)
         ax.set_xlim(0, 1)

@@ -226,7 +226,7 @@ class ResultsDir:
         return doc, ""
 
     def _stamp(self) -> tuple:
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for name in (MANIFEST, *COPIES.values()):
             try:
                 st = (self.path / name).stat()
@@ -367,8 +367,9 @@ class ResultsDir:
             incomplete.update({u: "results.parquet unreadable" for u in with_preds})
         if "predictions" in lost:
             notes.append(f"{lost['predictions']}: units with predictions are computed again when selected")
-        done = set()
-        for unit, rows in table.groupby("unit", sort=False) if len(table) else ():
+        done: set[str] = set()
+        for key, rows in table.groupby("unit", sort=False) if len(table) else ():
+            unit = str(key)  # unit ids are strings
             if unit in with_preds or not (rows["metric"] == "accuracy").any():  # retrieval units predict nothing
                 done.add(unit)
             else:
@@ -421,8 +422,8 @@ class ResultsDir:
         keep = _units(table) | set(incomplete)
         if len(preds):  # predictions of a unit without results belong to no committed unit
             preds = preds[preds["unit"].isin(keep)].reset_index(drop=True)
-        n_t = table["unit"].value_counts().to_dict() if len(table) else {}
-        n_p = preds["unit"].value_counts().to_dict() if len(preds) else {}
+        n_t = {str(u): int(n) for u, n in table["unit"].value_counts().items()} if len(table) else {}
+        n_p = {str(u): int(n) for u, n in preds["unit"].value_counts().items()} if len(preds) else {}
         units = {u: [int(n_t[u]), int(n_p.get(u, 0))] for u in sorted(n_t) if u not in incomplete}
         blobs = {
             "results": _parquet_bytes(table),

@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .datasets.base import slug
+from .perturb import from_key
 from .store import EmbeddingStore, Run, RunLayout
+from .store.layout import model_dir
 from .tasks import derive_tasks, prompt_texts, unique_texts
 
 
@@ -108,12 +111,15 @@ def write_run(
     chunk_rows: int = 64,
     dtype: str = "float32",
     failures: Sequence[str] | None = None,
+    perturbation: str | None = None,
 ) -> Run:
     """Write one run through the store API, as `probe extract` would, from arrays.
 
-    `text_vectors` maps every text the heads need (class prompts, caption options) to its
-    embedding; None makes an image-only run. `captions[key]` holds (options (N, K) indices into
-    the text table, answer (N,)), with the text table ordered as `list(text_vectors)`.
+    `perturbation` (a key such as "blur:1") writes the perturbed twin of the same run, keyed
+    and placed as `probe extract --perturb` places it. `text_vectors` maps every text the heads
+    need (class prompts, caption options) to its embedding; None makes an image-only run.
+    `captions[key]` holds (options (N, K) indices into the text table, answer (N,)), with the
+    text table ordered as `list(text_vectors)`.
     """
     st = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store, create=True)
     tasks = derive_tasks(meta)
@@ -126,8 +132,12 @@ def write_run(
         "has_text": text_vectors is not None,
         "dataset_spec": dataset,
     }
+    pert = from_key(perturbation) if perturbation is not None else None
+    if pert is not None:
+        prov["perturbation"] = pert.provenance()
     plan = {"templates": list(templates), "tasks": {t.name: list(t.classes) for t in tasks}}
-    run = st.prepare_run(f"{model.replace(':', '_')}/{dataset}/test", prov, layout, meta, texts, captions or {}, plan)
+    top = model_dir(model.replace(":", "_"), slug(pert.key) if pert is not None else None)
+    run = st.prepare_run(f"{top}/{dataset}/test", prov, layout, meta, texts, captions or {}, plan)
     fails = list(failures) if failures is not None else [""] * len(x)
     for ci in range(layout.n_chunks):
         sl = layout.chunk_slice(ci)
@@ -410,3 +420,33 @@ def exhaustive_reference(
                 refits[best] = LogisticRegression(C=best, tol=1e-8, max_iter=20000).fit(xt, yt).predict(x[test])
             out[s] = (best, refits[best])
     return out
+
+
+def rotation_invariant(encoder: Any) -> Any:
+    """`encoder` made invariant to 90-degree rotations by construction: its image embedding is the
+    mean of the embeddings of the 4 rotations of the preprocessed input. Under `rotate:90` its
+    perturbed run must equal the clean one (to the preprocessing's resampling error), which
+    tests the perturbed-extraction path end to end. Its spec is `rot4(SPEC)`."""
+    import dataclasses
+
+    import torch
+
+    from .encoders.base import Encoder
+
+    class Rot4(Encoder):
+        def __init__(self, inner: Encoder) -> None:
+            self.inner = inner
+            self.info = dataclasses.replace(inner.info, spec=f"rot4({inner.info.spec})")
+            self.transform, self.device = inner.transform, inner.device
+            self.precision, self.memory_format = inner.precision, inner.memory_format
+
+        def _images(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            outs = [self.inner._images(torch.rot90(x, k, dims=(-2, -1)), features) for k in range(4)]
+            emb = torch.stack([o[0].float() for o in outs]).mean(0)
+            feats = [o[1].float() for o in outs if o[1] is not None]
+            return emb, (torch.stack(feats).mean(0) if features and len(feats) == 4 else None)
+
+        def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+            return self.inner.encode_texts(texts, batch_size)
+
+    return Rot4(encoder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 # No test may reach the network: make the Hub clients fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,12 +25,46 @@ atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)  # gone with the tes
 for _var in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "HOME"):
     os.environ[_var] = os.path.join(_CACHES, _var.lower())
     os.makedirs(os.environ[_var], exist_ok=True)
+# One thread per library (torch, FAISS, BLAS; and in every child process) unless the caller chose:
+# the test models and arrays are tiny, and idle OpenMP/BLAS threads spin and steal the other core. On
+# 2 cores, extracting the sample with the tiny model took 0.7 s with one thread and 3.5 s (idle) to 5 s
+# (busy) with two; the stored embeddings are byte-identical either way (measured).
+# `OMP_NUM_THREADS=2 python -m pytest` runs the suite with threads.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch, FAISS and child processes when they start
+    threadpool_limits(1)  # the BLAS numpy loaded before this file (pytest plugins import numpy)
 
 from mubench_probe import api  # noqa: E402 - after the cache variables above
 from mubench_probe.datasets import load_dataset  # noqa: E402
 from mubench_probe.encoders.openclip import register_bundled_configs  # noqa: E402
 
 register_bundled_configs()  # tests build `mubench-tiny-vit` models directly with open_clip too
+
+
+def _share_tokenizers() -> None:
+    """One tokenizer per open_clip model name for the whole session. open_clip builds its BPE
+    tokenizer anew from its gzipped vocabulary (~0.1 s) on every model load, and the quick tier loads
+    models dozens of times; a tokenizer holds no state that a test could change (its only cache
+    memoizes BPE splits), and a failing build is not cached, so no test sees anything else."""
+    import open_clip
+
+    build, built = open_clip.get_tokenizer, {}
+
+    @functools.wraps(build)
+    def shared(model_name: str = "", *args, **kwargs):
+        try:
+            key = (model_name, args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:  # arguments that cannot be a key: build it as open_clip would
+            return build(model_name, *args, **kwargs)
+        if key not in built:
+            built[key] = build(model_name, *args, **kwargs)
+        return built[key]
+
+    open_clip.get_tokenizer = shared
+
+
+_share_tokenizers()
 
 TINY = "mubench-tiny-vit:random"
 SLOW_TIERS = ("cluster", "s3", "faults")  # tiers that are always slow too (markers: pyproject.toml)

@@ -9,8 +9,14 @@ from mubench_probe import allocator
 
 
 def _in_fresh_process(env: dict[str, str]) -> dict:
-    code = "import json; from mubench_probe import allocator; print(json.dumps(allocator.describe()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=60)
+    """`allocator.describe()` in a new interpreter. The module is loaded from its file alone (it
+    imports only the standard library): importing the package would cost ~1 s of pandas and zarr."""
+    code = (
+        "import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('allocator', sys.argv[1]); "
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); print(json.dumps(mod.describe()))"
+    )
+    argv = [sys.executable, "-c", code, allocator.__file__]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True, timeout=60)
     return json.loads(out.stdout)
 
 

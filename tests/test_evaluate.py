@@ -17,6 +17,9 @@ from mubench_probe.tasks import derive_tasks
 from .conftest import make_store
 
 FAST = EvalConfig(n_boot=200, shots=(1, 4), fewshot_seeds=2)
+# The synthetic stores' answers (a probe at 100 %, a gap) hold for any C: a 4-value grid instead of the 13 of
+# DEFAULT_CS (the probe's choice of C is tested in test_heads.py and test_probe_selection.py).
+SYNTH = EvalConfig(n_boot=200, shots=(1, 4), fewshot_seeds=2, cs=(0.1, 1.0, 10.0, 100.0))
 
 
 def _get(table, task, head, metric="accuracy", stratum="all"):
@@ -44,7 +47,7 @@ def test_perfect_images_random_text_give_a_large_gap(tmp_path):
     labels = [f"c{i}" for i in y]
     text = {f"c{i}": rng.normal(size=x.shape[1]) for i in range(4)}
     make_store(tmp_path / "s.zarr", x, labels, text)
-    t = api.evaluate(tmp_path / "s.zarr", FAST).table
+    t = api.evaluate(tmp_path / "s.zarr", SYNTH).table
     lp, zs = _get(t, "fine/synth", "lp").value, _get(t, "fine/synth", "zs_prompt").value
     assert lp == 1.0 and _get(t, "fine/synth", "proto").value == 1.0
     assert zs < 0.5  # chance is 0.25; random text may hit a class or two by luck
@@ -57,7 +60,7 @@ def test_aligned_text_gives_a_small_gap(tmp_path):
     x, y, centres, _ = _separable()
     text = {f"c{i}": centres[i] for i in range(4)}
     make_store(tmp_path / "s.zarr", x, [f"c{i}" for i in y], text)
-    t = api.evaluate(tmp_path / "s.zarr", FAST).table
+    t = api.evaluate(tmp_path / "s.zarr", SYNTH).table
     assert _get(t, "fine/synth", "zs_prompt").value == 1.0
     assert abs(_get(t, "fine/synth", "alignment", "lp_minus_zs").value) < 0.05
 
@@ -73,7 +76,7 @@ def test_zero_shot_heads_alone(tmp_path):
 def test_image_only_model_reports_text_heads_not_applicable(tmp_path):
     x, y, _, _ = _separable()
     make_store(tmp_path / "s.zarr", x, [f"c{i}" for i in y], None)
-    res = api.evaluate(tmp_path / "s.zarr", FAST)
+    res = api.evaluate(tmp_path / "s.zarr", SYNTH)
     assert "zs_prompt" not in set(res.table["head"]) and _get(res.table, "fine/synth", "lp").value == 1.0
     assert any("not applicable" in n for n in res.notes)
 

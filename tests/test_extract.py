@@ -111,10 +111,10 @@ def test_mismatched_provenance_is_refused_and_overwrite_is_explicit(tmp_path):
     assert run.provenance["intensity_policy"].startswith("minmax") and run.complete
 
 
-def test_other_weights_at_the_same_path_are_refused(tmp_path):
+def test_other_weights_at_the_same_path_are_refused(tmp_path, sample):
     import open_clip
 
-    ds = load_dataset("sample", limit=8)
+    ds = sample.head(8)  # = load_dataset("sample", limit=8), without parsing the sample again
     ckpt = tmp_path / "tiny.pt"
     torch.manual_seed(1)
     model = open_clip.create_model("mubench-tiny-vit")
@@ -175,8 +175,8 @@ def test_flipped_byte_is_detected(tiny_store_copy):
     assert len(problems) == 1 and "image_emb chunk 1.0" in problems[0]
 
 
-def test_pre_projection_features_reproduce_the_embedding(tmp_path):
-    ds = load_dataset("sample", limit=6)
+def test_pre_projection_features_reproduce_the_embedding(tmp_path, sample):
+    ds = sample.head(6)
     api.extract(TINY, ds, store=tmp_path / "s.zarr", num_workers=0, features=True, dtype="float32")
     (run,) = EmbeddingStore(tmp_path / "s.zarr").runs()
     enc = load_encoder(TINY, device="cpu")

@@ -577,13 +577,13 @@ def test_simultaneous_creation_in_two_threads_joins_one_run(tmp_path, monkeypatc
     """Both builders finish their scratch copy before either renames it into place."""
     args = _synthetic_run_args()
     barrier = threading.Barrier(2, timeout=30)
-    build = store_module._build_run
+    build = store_module.build_run
 
     def build_then_wait(*a, **k):
         build(*a, **k)
         barrier.wait()
 
-    monkeypatch.setattr(store_module, "_build_run", build_then_wait)
+    monkeypatch.setattr(store_module, "build_run", build_then_wait)
     runs, errors = [], []
 
     def create() -> None:

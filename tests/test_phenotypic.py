@@ -13,12 +13,12 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from mubench_probe.heads.phenotypic import (
-    _ap,
-    _ap_matrix,
-    _random_subsets,
+    ap_matrix,
     benjamini_hochberg,
     null_ap,
     phenotypic_map,
+    random_subsets,
+    ranked_ap,
 )
 from mubench_probe.heads.scoring import exact_scores
 
@@ -192,11 +192,11 @@ def test_null_is_a_uniformly_random_ranking(n_pos, total):
     for v, c in zip(values, counts, strict=True):
         expected = 20_000 * exact[float(v)] / n_subsets
         assert abs(c - expected) < 5 * np.sqrt(expected)  # five standard deviations
-    sub = _random_subsets(np.random.default_rng(0), 300, 40, 100)
+    sub = random_subsets(np.random.default_rng(0), 300, 40, 100)
     assert (np.diff(sub, axis=1) > 0).all() and sub.min() >= 0 and sub.max() < 100
     # the null's AP and the observed AP are bitwise one formula (a tie between them counts as >=)
     rank = sub + 1
-    assert np.array_equal(_ap_matrix(rank), _ap(np.repeat(np.arange(300), 40), rank.ravel(), np.full(300, 40)))
+    assert np.array_equal(ap_matrix(rank), ranked_ap(np.repeat(np.arange(300), 40), rank.ravel(), np.full(300, 40)))
 
 
 def test_benjamini_hochberg():

@@ -6,6 +6,7 @@ caption options, class prompts and a `split` column.
 """
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from mubench_probe.protocol import (
 )
 from mubench_probe.store import EmbeddingStore
 from mubench_probe.tasks import derive_tasks, prompt_texts
-from mubench_probe.testing import Source, multi_source_store
+from mubench_probe.testing import DEFAULT_SOURCES, Source, multi_source_store
 
 FAST = EvalConfig(n_boot=100, shots=(1, 4), fewshot_seeds=2)
 TRANSFER = {
@@ -44,6 +45,14 @@ TRANSFER = {
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
     return multi_source_store(tmp_path_factory.mktemp("multi") / "m.zarr", models=("synthetic:a", "synthetic:b"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The same sources, metadata and tasks with a quarter of the rows, one model, 16-d: for refusals,
+    which read only the metadata (the fast tier builds no two-model store)."""
+    sources = tuple(replace(s, rows=s.rows // 4) for s in DEFAULT_SOURCES)
+    return multi_source_store(tmp_path_factory.mktemp("small") / "s.zarr", dim=16, sources=sources)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +99,7 @@ def test_kfold_on_several_sources_scores_every_head_on_the_same_rows(kfold, mult
 
 def test_a_class_missing_from_a_training_fold_counts_as_errors_and_never_crashes(monkeypatch):
     from mubench_probe import protocol
+    from mubench_probe.protocol import task as task_module  # evaluate_task's module: its plan_task is replaced
 
     rng = np.random.default_rng(0)
     meta = pd.DataFrame({"label_name": ["a", "b", "c"] * 30, "dataset": "d"})
@@ -100,7 +110,7 @@ def test_a_class_missing_from_a_training_fold_counts_as_errors_and_never_crashes
     test0 = np.flatnonzero((task.y == 2) | (np.arange(90) < 30))  # every "c" row is tested in fold 0
     folds = [(np.setdiff1d(np.arange(90), test0), test0), (test0, np.setdiff1d(np.arange(90), test0))]
     plan = protocol.TaskPlan(arrays, np.arange(90), folds, "hand-made folds")
-    monkeypatch.setattr(protocol, "plan_task", lambda t, cfg: plan)
+    monkeypatch.setattr(task_module, "plan_task", lambda t, cfg: plan)
     cfg = EvalConfig(n_boot=0, shots=(2,), fewshot_seeds=2)
     out = evaluate_task(arrays, cfg)
     assert any("fold 0 has no training rows of c" in n and "30 test rows count as errors" in n for n in out.notes)
@@ -169,9 +179,9 @@ def test_transfer_protocol_trains_on_one_side_and_tests_on_the_other(multi):
         ({"train_where": ("dataset",), "test_where": ("dataset=histo_b",)}, "COLUMN=VALUE"),
     ],
 )
-def test_transfer_refuses_conditions_that_cannot_work(multi, kw, needle):
+def test_transfer_refuses_conditions_that_cannot_work(small, kw, needle):
     with pytest.raises(UsageError, match=needle):
-        api.evaluate(multi, EvalConfig(protocol="transfer", **kw), models=["synthetic:a"], tasks=["coarse/*"])
+        api.evaluate(small, EvalConfig(protocol="transfer", **kw), models=["synthetic:a"], tasks=["coarse/*"])
 
 
 def test_config_is_validated_on_creation():

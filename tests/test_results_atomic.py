@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +28,7 @@ from mubench_probe import api
 from mubench_probe.cli import app
 from mubench_probe.protocol import EvalConfig
 from mubench_probe.results import ResultsDir
-from mubench_probe.testing import multi_source_store
+from mubench_probe.testing import DEFAULT_SOURCES, multi_source_store
 
 CFG = EvalConfig(heads=("proto", "knn"), n_boot=0)
 HEADS = ("--head", "proto", "--head", "knn", "--bootstrap", "0")
@@ -36,9 +37,14 @@ KEY = ["unit", "task", "head", "metric", "stratum", "seed"]
 PRED_KEY = ["unit", "task", "head", "row"]
 
 
+# Its 5 sources and 8 tasks, with a quarter of the rows, in 32 dimensions: these tests are about
+# what the results folder keeps, not about scores, so every evaluation here can be cheap.
+SOURCES = tuple(replace(s, rows=s.rows // 4) for s in DEFAULT_SOURCES)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    return multi_source_store(tmp_path_factory.mktemp("atomic") / "m.zarr")
+    return multi_source_store(tmp_path_factory.mktemp("atomic") / "m.zarr", dim=32, sources=SOURCES)
 
 
 @pytest.fixture(scope="module")

@@ -337,7 +337,6 @@ def test_two_shards_fill_an_s3_store_and_every_command_reads_it(s3, tmp_path, re
 @pytest.mark.s3
 def test_s3_run_creation_commits_last_and_an_abandoned_creation_is_removed(s3, monkeypatch):
     from mubench_probe.locations import FsspecLocation
-    from mubench_probe.store import RunSpec
 
     store = "s3://probe/abandoned.zarr"
     ds = load_dataset("sample", limit=32)
@@ -358,15 +357,28 @@ def test_s3_run_creation_commits_last_and_an_abandoned_creation_is_removed(s3, m
     assert [d.fix for d in st.check()] == ["creating"], st.check()
     r = api.extract(TINY, ds, store=store, num_workers=0, chunk_rows=CHUNK)
     assert r.chunks_written == 2 and st.check(deep=True) == []
-    # two writers create one run at the same moment: the first conditional put wins, the other joins
+    # two writers create one run at the same moment: the second looked for the run just before the
+    # first committed it, so it goes on to create it too; under the create claim it finds the commit
+    # and joins the first writer's run instead of replacing it
     st2 = EmbeddingStore("s3://probe/race.zarr", create=True)
     args = _synthetic_args()
     first = st2.prepare_run(*args)
-    spec = RunSpec(args[0], first.provenance, *args[2:])
-    assert st2._publish(spec, replace=False) is None, "the second creator joins"
+    first.write_chunk(0, np.ones((3, 4), dtype=np.float32), [""] * 3)
+    real_exists, missed = FsspecLocation.exists, []
+
+    def not_yet_there(self, rel):
+        if rel == args[0] and not missed:
+            missed.append(rel)
+            return False
+        return real_exists(self, rel)
+
+    with monkeypatch.context() as m:
+        m.setattr(FsspecLocation, "exists", not_yet_there)
+        second = EmbeddingStore("s3://probe/race.zarr").prepare_run(*args)
+    assert missed and second.provenance == first.provenance, "the second creator joins"
     (run,) = st2.runs()
     assert run.check(deep=True) == []
-    assert np.array_equal(run.done_mask(), np.zeros(3, dtype=bool))
+    assert np.array_equal(run.done_mask(), [True, False, False]), "the first writer's run was not replaced"
 
 
 def _synthetic_args():

@@ -44,13 +44,13 @@ def _sorted(t: pd.DataFrame) -> pd.DataFrame:
 
 def test_embeddings_are_read_block_by_block_with_the_same_values(tiny_store, monkeypatch):
     (run,) = EmbeddingStore(tiny_store).runs()
-    whole = l2_normalize(np.asarray(run._read("image_emb"), dtype=np.float32))
+    whole = l2_normalize(np.asarray(run.group["image_emb"][:], dtype=np.float32))
     assert np.array_equal(run.image_embeddings(), whole)
     from mubench_probe.store import run as store_module
 
     monkeypatch.setattr(store_module, "READ_BLOCK_BYTES", 1)  # one chunk at a time
     assert np.array_equal(run.image_embeddings(), whole)
-    assert np.array_equal(run.image_embeddings(normalize=False), np.asarray(run._read("image_emb"), np.float32))
+    assert np.array_equal(run.image_embeddings(normalize=False), np.asarray(run.group["image_emb"][:], np.float32))
 
 
 @pytest.mark.slow

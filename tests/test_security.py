@@ -103,8 +103,8 @@ def test_errors_print_user_text_verbatim_on_one_line(tmp_path):
 
 
 def test_notes_and_progress_lines_are_escaped(capsys):
-    cli._notify(f"[shard 0/2] {MARKUP} {ESCAPES}")
-    cli._notify("C:\\data\\")  # a trailing backslash is shown once
+    cli.notify(f"[shard 0/2] {MARKUP} {ESCAPES}")
+    cli.notify("C:\\data\\")  # a trailing backslash is shown once
     with cli.LineProgress(every=0.0) as bar:
         t = bar.add_task(f"{MARKUP}\x1b[2J", total=4)
         bar.advance(t, 2)

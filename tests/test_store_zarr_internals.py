@@ -1,11 +1,11 @@
 """What the store relies on in zarr beyond its public API, checked so a zarr upgrade fails here, loudly.
 
-The store runs coroutines on zarr's own event loop through one function, `_on_zarr_loop` (it uses
+The store runs coroutines on zarr's own event loop through one function, `on_zarr_loop` (it uses
 `zarr.core.sync.sync`, not public): to list the keys under a prefix (a missing chunk file is found
 from the listing, never read as a fill value), to delete one key, and to wait for chunk writes zarr
 still has in flight after a failed batch. Object stores are built in a `MemoryStore` over a dict the
 store passes in (public), whose values are zarr Buffers. If one of these tests fails after a zarr
-upgrade, adapt `mubench_probe/store/arrays.py` (`_on_zarr_loop` and its callers) before anything else.
+upgrade, adapt `mubench_probe/store/arrays.py` (`on_zarr_loop` and its callers) before anything else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from mubench_probe.store.arrays import _delete, _delete_key, _drain_writes, _on_zarr_loop, _stored_keys
+from mubench_probe.store.arrays import delete_key, delete_node, drain_writes, on_zarr_loop, stored_keys
 
 
 def _array(path, name: str = "a") -> tuple[zarr.Group, zarr.Array]:
@@ -29,33 +29,33 @@ def _array(path, name: str = "a") -> tuple[zarr.Group, zarr.Array]:
 
 
 def test_zarr_still_has_the_internal_sync_the_store_uses():
-    from zarr.core.sync import sync  # the internal `_on_zarr_loop` wraps
+    from zarr.core.sync import sync  # the internal `on_zarr_loop` wraps
 
     async def answer() -> int:
         return 42
 
     assert callable(sync)
-    assert _on_zarr_loop(answer()) == 42
+    assert on_zarr_loop(answer()) == 42
 
 
 def test_listing_names_every_written_chunk_and_not_a_deleted_one(tmp_path):
     g, arr = _array(tmp_path / "s.zarr")
-    keys = _stored_keys(arr)
+    keys = stored_keys(arr)
     assert keys == {"zarr.json", "c/0/0", "c/1/0", "c/2/0"}, keys
-    _delete_key(g, "a/c/1/0")
-    assert _stored_keys(arr) == {"zarr.json", "c/0/0", "c/2/0"}
+    delete_key(g, "a/c/1/0")
+    assert stored_keys(arr) == {"zarr.json", "c/0/0", "c/2/0"}
     assert not (tmp_path / "s.zarr" / "a" / "c" / "1" / "0").exists()
 
 
 def test_a_node_with_an_unreadable_zarr_json_is_deleted_whole(tmp_path):
     g, _ = _array(tmp_path / "s.zarr")
     (tmp_path / "s.zarr" / "a" / "zarr.json").write_text("{ not json")
-    _delete(g, "a")
+    delete_node(g, "a")
     assert not (tmp_path / "s.zarr" / "a").exists()
 
 
 def test_zarr_does_its_store_io_on_the_loop_the_store_awaits_and_drains():
-    """`_drain_writes` waits for every task on zarr's loop: that must be the loop zarr writes chunks on."""
+    """`drain_writes` waits for every task on zarr's loop: that must be the loop zarr writes chunks on."""
     seen: set[int] = set()
 
     class Spy(zarr.storage.MemoryStore):
@@ -69,8 +69,8 @@ def test_zarr_does_its_store_io_on_the_loop_the_store_awaits_and_drains():
     async def running_loop() -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
-    loop = _on_zarr_loop(running_loop())
-    assert seen == {id(loop)}, "zarr no longer runs its store I/O on the loop `_on_zarr_loop` uses"
+    loop = on_zarr_loop(running_loop())
+    assert seen == {id(loop)}, "zarr no longer runs its store I/O on the loop `on_zarr_loop` uses"
 
     finished = threading.Event()
 
@@ -80,8 +80,8 @@ def test_zarr_does_its_store_io_on_the_loop_the_store_awaits_and_drains():
 
     asyncio.run_coroutine_threadsafe(slow_write(), loop)
     time.sleep(0.05)  # the task is scheduled on zarr's loop
-    _drain_writes()
-    assert finished.is_set(), "_drain_writes returned while a task on zarr's loop was still in flight"
+    drain_writes()
+    assert finished.is_set(), "drain_writes returned while a task on zarr's loop was still in flight"
 
 
 def test_a_memory_store_over_our_dict_holds_buffers_keyed_by_path():

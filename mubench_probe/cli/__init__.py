@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 
-from . import catalog, evaluate, extract, search, store  # noqa: F401  (each registers its commands)
-from .common import DescriptionColumn, LineProgress, _notify, app, err, out
+from . import browse, catalog, evaluate, extract, search, store  # noqa: F401  (each registers its commands)
+from .common import DescriptionColumn, LineProgress, app, err, notify, out
 from .evaluate import note_lines
 
-__all__ = ["DescriptionColumn", "LineProgress", "_notify", "app", "err", "main", "note_lines", "out"]
+__all__ = ["DescriptionColumn", "LineProgress", "app", "err", "main", "note_lines", "notify", "out"]
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import typer
@@ -22,14 +22,15 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    TaskID,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
+from .. import api
 from ..errors import ProbeError, UsageError
-from ..report import printable
 
 app = typer.Typer(
     help="mubench_probe: extract embeddings of microscopy images once, evaluate everything.",
@@ -46,18 +47,18 @@ FORMATS = ("table", "csv", "json")
 def _safe(text: Any) -> str:
     """User data (a label, a column, model or file name, an error message) for a rich markup
     string: control characters made visible (ESC -> `\\x1b`, newline -> `\\n`), brackets escaped."""
-    return escape(printable(text))
+    return escape(api.printable(text))
 
 
 def _say(console: Console, message: Any, prefix: str = "") -> None:
     """The one way this package prints a line: `prefix` is our own markup (a style, a label such as
     "error:"); `message` is data, printed as it is (never parsed as markup or emoji codes), with
     every control character made visible, so no value can restyle, erase or forge the output."""
-    body = escape(printable(message) + " ")[:-1]  # last in the line: a trailing backslash needs no escape
+    body = escape(api.printable(message) + " ")[:-1]  # last in the line: a trailing backslash needs no escape
     console.print(prefix + body, highlight=False, soft_wrap=True, emoji=False)
 
 
-def _notify(line: str) -> None:
+def notify(line: str) -> None:
     """A note from the API (a rebuilt index, a resumed run) on stderr, escaped."""
     _say(err, line, prefix="note: ")
 
@@ -67,7 +68,7 @@ class SafeTable(Table):
     markup, with control characters made visible (the terminal counterpart of `_say`)."""
 
     def __init__(self, *headers: Any, title: Any = None, **kwargs: Any) -> None:
-        title = None if title is None else Text(printable(title), style="table.title")
+        title = None if title is None else Text(api.printable(title), style="table.title")
         super().__init__(*(_cell_text(h) for h in headers), title=title, **kwargs)
 
     def add_column(self, header: Any = "", *args: Any, **kwargs: Any) -> None:
@@ -78,7 +79,7 @@ class SafeTable(Table):
 
 
 def _cell_text(value: Any) -> Any:
-    return Text(printable(value)) if isinstance(value, str) else value
+    return Text(api.printable(value)) if isinstance(value, str) else value
 
 
 def friendly(fn: F) -> F:
@@ -127,8 +128,8 @@ class LineProgress:
         for tid in self.tasks:
             self._line(tid, final=True)
 
-    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
-        tid = len(self.tasks)
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> TaskID:
+        tid = TaskID(len(self.tasks))
         now = time.monotonic()
         self.tasks[tid] = {"description": description, "total": total, "done": 0.0, "t0": now, "last": now}
         return tid
@@ -166,7 +167,7 @@ class DescriptionColumn(ProgressColumn):
     """A task's description (a model spec, a task name) as data: never markup, controls visible."""
 
     def render(self, task: Any) -> Text:
-        return Text(printable(task.description))
+        return Text(api.printable(task.description))
 
 
 def _progress(unit: str = "img") -> Progress | LineProgress:
@@ -213,7 +214,7 @@ def _data(text: str, nl: bool = True) -> None:
     characters itself; click would strip ANSI sequences from a pipe, altering values). Only when
     stdout is a terminal, where a person reads it, are control characters made visible."""
     if out.is_terminal:
-        text = printable(text, keep_newlines=True)
+        text = api.printable(text, keep_newlines=True)
     typer.echo(text, nl=nl, color=True)
 
 
@@ -222,7 +223,7 @@ def _json(payload: Any) -> None:
     _data(json.dumps(payload, default=str, indent=2))
 
 
-def _emit(records: list[dict[str, Any]], fmt: str, title: str = "") -> None:
+def _emit(records: Sequence[Mapping[Any, Any]], fmt: str, title: str = "") -> None:
     """Records as a table (one line per record), CSV or JSON on stdout."""
     if fmt == "json":
         _json(records)

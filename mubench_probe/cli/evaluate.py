@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from .. import api
-from ..engines import Resources
 from ..errors import NothingToEvaluateError, UsageError
 from .common import SafeTable, _check_format, _emit, _fmt, _print_wide, _progress, _say, app, err, friendly
 from .options import (
@@ -116,7 +115,7 @@ def evaluate(
         res = api.evaluate(
             store, cfg, models=model, tasks=task, templates=templates, results_dir=results, force=force, jobs=jobs,
             progress=tick, launcher=launcher,
-            resources=Resources(partition, gpus_per_job, cpus_per_job, mem, time, array_parallelism),
+            resources=api.Resources(partition, gpus_per_job, cpus_per_job, mem, time, array_parallelism),
             address=address, log_dir=log_dir, cluster=submitit_cluster,
         )  # fmt: skip
     _print_results(res, fmt)
@@ -155,6 +154,7 @@ def _print_results(res: Any, fmt: str) -> None:
                 table.add_row(r["task"], *[_fmt(r[c]) for c in cols])
             _print_wide(table)
     _table1(res.table)
+    _robustness(res.table)
 
 
 GROUPED_NOTES = {  # kind -> how a group of such notes reads on the terminal (all of them stay in run.json);
@@ -241,3 +241,24 @@ def _table1(table: Any) -> None:
         cells = [f"{100 * r[g]:.2f} ± {100 * r[g + '_ci']:.2f}" if r[g] == r[g] else "–" for g in ("coarse", "fine")]
         t.add_row(str(r["model"]), *cells)
     _print_wide(t)
+
+
+def _robustness(table: Any) -> None:
+    """Per model, the mean drop of perception and of alignment over matched perturbations."""
+    rows = api.robustness_summary(table)
+    if rows.empty:
+        return
+    t = SafeTable(title="robustness (means over the perturbations every model has)", title_justify="left")
+    cols = [c for c in rows.columns if c != "model"]
+    t.add_column("model", no_wrap=True)
+    for c in cols:
+        t.add_column(c, justify="right", no_wrap=True)
+    for _, r in rows.iterrows():
+        t.add_row(str(r["model"]), *[_number(r[c]) for c in cols])
+    _print_wide(t)
+
+
+def _number(v: Any) -> str:
+    if v is None or v != v:
+        return "–"
+    return f"{float(v):.3f}" if isinstance(v, float) else str(v)

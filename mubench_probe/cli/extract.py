@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from .. import api
-from ..engines import Resources
 from ..errors import UsageError
-from .common import _bars_for, _notify, _numbers, _progress, _say, app, err, friendly, out
+from .common import _bars_for, _numbers, _progress, _say, app, err, friendly, notify, out
 from .options import (
     DEFAULT_STORE,
     EXTRACT_OPTIONS,
@@ -33,7 +33,7 @@ from .options import (
 )
 
 # what `interpolate` does not take: it writes one unsharded run per alpha, features not stored
-INTERPOLATE_OPTIONS = [n for n in EXTRACT_OPTIONS if n not in ("features", "max_file_bytes", "shard")]
+INTERPOLATE_OPTIONS = [n for n in EXTRACT_OPTIONS if n not in ("features", "max_file_bytes", "shard", "perturb")]
 
 
 def _extract_config(settings: dict[str, Any]) -> api.ExtractConfig:
@@ -82,26 +82,29 @@ def extract(
     if launcher is not None:
         if cfg.shard is not None:
             raise UsageError("--shard is for one shard; --launcher starts all --shards of them")
-        resources = Resources(partition, gpus_per_shard, cpus_per_shard, mem, time, array_parallelism)
+        resources = api.Resources(partition, gpus_per_shard, cpus_per_shard, mem, time, array_parallelism)
         _say(err, f"{launcher}: {shards} shard(s) of {', '.join(models)} on {dataset} -> {store}")
         launched = api.launch_extract(
             models, dataset, store=store, config=cfg, launcher=launcher, shards=shards, resources=resources,
             address=address, log_dir=log_dir, cluster=submitit_cluster, split=split, revision=revision, limit=limit,
-            scene=scene, notify=_notify,
+            scene=scene, notify=notify,
         )  # fmt: skip
         _print_launch(launched, launcher, shards, store, submitit_cluster)
         return
     ds = api.open_dataset(dataset, split=split, revision=revision, limit=limit, scene=scene)
     total = len(ds) if cfg.shard is None else api.shard_rows(len(ds), cfg.chunk_rows, cfg.shard)
     where = "" if cfg.shard is None else f" (shard {cfg.shard[0]}/{cfg.shard[1]}: {total} rows)"
+    if cfg.perturb:  # every perturbation is one more run of the same rows
+        where += f" and {len(cfg.perturb)} perturbed run(s): {', '.join(cfg.perturb)}"
+        total *= 1 + len(cfg.perturb)
     _say(err, f"dataset {ds.spec} ({ds.split}): {len(ds)} rows -> {store}{where}")
     for spec in models:
         with _progress() as bar:
             task = bar.add_task(spec, total=total)
-            report = api.extract(
-                spec, ds, store=store, config=cfg, progress=lambda n, t=task: bar.advance(t, n), notify=_notify
-            )
+            report = api.extract(spec, ds, store=store, config=cfg, progress=partial(bar.advance, task), notify=notify)
         _print_report(report)
+        for twin in report.perturbed:
+            _print_report(twin)
 
 
 def _print_launch(launched: Any, launcher: str, shards: int, store: str, cluster: str) -> None:
@@ -115,9 +118,10 @@ def _print_launch(launched: Any, launcher: str, shards: int, store: str, cluster
         launched.wait()  # submitit's local jobs end with this process: wait for them
     for shard_reports in launched.results or []:
         for r in shard_reports or []:
+            name = f"{r['model']} ~ {r['perturbation']}" if r.get("perturbation") else r["model"]
             _say(
                 out,
-                f"shard {r['shard'][0]}/{r['shard'][1]} {r['model']}: {r['chunks_written']} chunks written, "
+                f"shard {r['shard'][0]}/{r['shard'][1]} {name}: {r['chunks_written']} chunks written, "
                 f"{r['chunks_skipped']} already done, {r['chunks_by_others']} by another writer "
                 f"({r['seconds']:.1f} s on {r['host']})",
             )
@@ -128,8 +132,9 @@ def _print_report(report: Any) -> None:
     """One extraction's outcome: repairs, chunks and speed, notes, the first unreadable rows."""
     for line in report.repaired:
         _say(err, line, prefix="[yellow]repaired:[/] ")
+    name = report.model if report.perturbation is None else f"{report.model} ~ {report.perturbation}"
     msg = (
-        f"{report.model}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
+        f"{name}: {report.chunks_written} chunks written, {report.chunks_skipped} already done, "
         f"{report.texts_encoded} texts encoded"
     )
     if report.chunks_by_others:
@@ -177,7 +182,7 @@ def interpolate(
         warnings.simplefilter("ignore", UserWarning)
         reports = api.interpolate(
             base, finetuned, values, dataset, store=store, config=cfg, split=split, revision=revision, limit=limit,
-            scene=scene, preprocess=preprocess, save_dir=save_dir, progress=_bars_for(bars), notify=_notify,
+            scene=scene, preprocess=preprocess, save_dir=save_dir, progress=_bars_for(bars), notify=notify,
         )  # fmt: skip
     for r in reports:
         _print_report(r)

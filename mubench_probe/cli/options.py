@@ -24,7 +24,7 @@ from .common import _ints, _numbers
 def field_default(cls: type, name: str) -> Any:
     """The default of the dataclass field `name` of `cls` (the single source of every default)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def shown(value: Any) -> str:
@@ -155,6 +155,16 @@ EXTRACT_OPTIONS: dict[str, ConfigOption] = {
         str | None,
         "Compute only shard I of N (I/N; chunk ci belongs to shard ci mod N), or auto (torchrun's "
         "RANK/WORLD_SIZE or a Slurm array's task id/count). N processes fill one store.",
+    ),
+    "perturb": ConfigOption(
+        ExtractConfig,
+        "perturb",
+        list[str] | None,
+        "Also extract perturbed runs, NAME:SEVERITY[,SEVERITY...] (repeatable; each severity its own run): blur, "
+        "noise, gamma, exposure, stain, rotate, flip, scale, channel-drop, jpeg (see docs: perturbations).",
+        ("--perturb",),
+        to_config=lambda v: tuple(v or ()),
+        to_cli=lambda d: None,
     ),
 }
 

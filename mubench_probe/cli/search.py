@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from .. import api
-from ..report import printable
 from .common import _check_format, _data, _emit, _fmt, _json, _say, app, err, friendly, out
 from .options import DEFAULT_STORE, FormatOpt, JsonOpt, StoreArg
 
@@ -141,6 +140,6 @@ def _print_comparison(res: Any, records: list[dict[str, Any]], pairs: list[dict[
     ):
         if not mat.empty:
             _say(out, f"{title}:")
-            shown = mat.round(3).rename(index=printable, columns=printable)  # names become one line each
+            shown = mat.round(3).rename(index=api.printable, columns=api.printable)  # names become one line each
             for line in shown.to_string().splitlines():
                 _say(out, line)

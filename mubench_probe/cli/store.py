@@ -9,7 +9,7 @@ import typer
 
 from .. import api
 from ..errors import StoreDamageError
-from .common import _bars_for, _check_format, _emit, _json, _notify, _progress, _safe, _say, app, err, friendly, out
+from .common import _bars_for, _check_format, _emit, _json, _progress, _safe, _say, app, err, friendly, notify, out
 from .options import DEFAULT_STORE, EXTRACT_OPTIONS, BatchOpt, DeviceOpt, FormatOpt, JsonOpt, StoreArg, WorkersOpt
 
 
@@ -155,7 +155,7 @@ def verify(
     """Check every chunk (present, checksum) and every digest; `--repair` fixes what it finds."""
     if not repair:
         for line in api.open_store(store).notes():  # e.g. runs written before the chunk and metadata digests
-            _notify(line)
+            notify(line)
         _report_problems(api.verify_store(store), store)
         return
     bars = _progress()
@@ -166,7 +166,7 @@ def verify(
             num_workers=workers,
             batch_size=batch_size,
             progress=_bars_for(bars, "repair {}"),
-            notify=_notify,
+            notify=notify,
         )
     for line in res.repaired:
         _say(err, line, prefix="[yellow]repaired:[/] ")

@@ -86,8 +86,10 @@ def _parse_captions(ds: Any) -> dict[str, list[CaptionItem | None]]:
     for r in rows:
         for k in keys:
             entry = (r or {}).get(k)
-            ok = entry and entry.get("options") and entry.get("answer_idx") is not None
-            out[k].append(CaptionItem(tuple(entry["options"]), int(entry["answer_idx"])) if ok else None)
+            if entry and entry.get("options") and entry.get("answer_idx") is not None:
+                out[k].append(CaptionItem(tuple(entry["options"]), int(entry["answer_idx"])))
+            else:
+                out[k].append(None)
     return out
 
 
@@ -133,8 +135,8 @@ class HubFormat:
     def load(self, spec: str, split: str, revision: str | None) -> LoadedDataset:
         import datasets
 
-        repo, _, rev = spec.partition("@")
-        rev = rev or revision or (MUBENCH_REVISION if repo == MUBENCH_ID else None)
+        repo, _, pinned = spec.partition("@")
+        rev = pinned or revision or (MUBENCH_REVISION if repo == MUBENCH_ID else None)
         try:
             ds = datasets.load_dataset(repo, split=split, revision=rev)
         except Exception as exc:  # network, auth, bad split: all end as one clear message

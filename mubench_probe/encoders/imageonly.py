@@ -30,7 +30,9 @@ class _PooledEncoder(Encoder):
 
     def _finish(self, spec: str, backend: str, net: torch.nn.Module, size: int) -> None:
         self.memory_format = memory_format_for(net)
-        self.net = net.eval().to(self.device, memory_format=self.memory_format)
+        # torch parses a device and a memory format in one call (torch._C._nn._parse_to); its stub's overloads
+        # only list them apart
+        self.net = net.eval().to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
         with torch.inference_mode():
             dim = int(self._pool(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
         self.info = EncoderInfo(

@@ -60,7 +60,9 @@ def build(
         params = f"nprobe={min(_nlist(index), max(8, _nlist(index) // 32))}"
     if params:
         try:
-            faiss.ParameterSpace().set_index_parameters(index, params)
+            # faiss's stub declares the (index, str) variant after the (index, int) one without @overload,
+            # so mypy sees only the int one; faiss takes the parameter string (the tests set nprobe this way)
+            faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
         except RuntimeError as exc:
             raise UsageError(f"FAISS index {factory!r}: cannot set {params!r} ({faiss_message(exc)})") from None
     if device and str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
@@ -103,7 +105,7 @@ def _reserve_lists(index: Any, view: RowView) -> None:
 
     try:
         ivf = faiss.extract_index_ivf(index)
-        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf.invlists is not None else None
     except RuntimeError:
         return
     if not isinstance(lists, faiss.ArrayInvertedLists) or len(view) <= GATHER_RESERVE:

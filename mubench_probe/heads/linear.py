@@ -44,7 +44,7 @@ computed over blocks of rows gathered from the float32 embeddings.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +246,8 @@ def fit_logistic(
     n, d = z.shape
     k = 1 if n_classes == 2 else n_classes
     w0 = np.zeros((k, d + 1)) if start is None else np.hstack([start.coef, start.intercept[:, None]])
+    fn: Callable[..., tuple[float, np.ndarray]]  # the objective and its gradient, for this kind of z
+    args: tuple[Any, ...]
     if isinstance(z, BlockZ):
         fn, args = _blocked_objective, (z, np.asarray(y, dtype=np.int64), 1.0 / (C * n), k)
     else:
@@ -475,7 +477,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             z = z @ self._basis
         return z / self._scale
 
-    def _solve(self, z: np.ndarray, y: np.ndarray, c: float, start: _Fit | None = None) -> _Fit:
+    def _solve(self, z: np.ndarray | BlockZ, y: np.ndarray, c: float, start: _Fit | None = None) -> _Fit:
         """Fit labels 0..k-1 of `y` (all of them present) at C = c, with the chosen backend."""
         if getattr(self, "_backend", "sklearn") == "torch":
             fit = fit_logistic_torch(
@@ -495,7 +497,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.validation_ = "stratified"
         return validation_split(y, self.val_fraction, self.random_state)
 
-    def _sweep(self, z: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> _Fit:
+    def _sweep(self, z: np.ndarray | BlockZ, y: np.ndarray, groups: np.ndarray | None) -> _Fit:
         tr, va = self._split(y, groups)
         if self.C is not None or len(va) == 0:
             self.C_ = float(self.C if self.C is not None else self.fallback_C)

@@ -223,7 +223,7 @@ def _rank_rows(s: np.ndarray, rows: np.ndarray, lab: np.ndarray, group: np.ndarr
     ahead = below[g] - sel_below[g] + neg_before - below[first[row]]
     counts = n_pos[rows]
     k = np.arange(1, len(row) + 1) - (np.cumsum(counts) - counts)[row]
-    return _ap(row, k + ahead, counts)
+    return ranked_ap(row, k + ahead, counts)
 
 
 def _exclusive_cumsum(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -234,20 +234,20 @@ def _exclusive_cumsum(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ap(r: np.ndarray, rank: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+def ranked_ap(r: np.ndarray, rank: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
     """AP per row from its positives' (row r, 1-based rank), in rank order within each row.
 
     The k-th positive's precision is k / rank, summed in order of k (bincount adds sequentially, like
-    `_ap_matrix`), so the observed and the null APs are one formula and a row's AP does not depend on
+    `ap_matrix`), so the observed and the null APs are one formula and a row's AP does not depend on
     the rows beside it."""
     starts = np.cumsum(n_pos) - n_pos
     k = np.arange(1, len(r) + 1) - starts[r]
     return np.bincount(r, k / rank, minlength=len(n_pos)) / n_pos
 
 
-def _ap_matrix(rank: np.ndarray) -> np.ndarray:
-    """`_ap` for rows with the same number of positives: rank (m, P), sorted. Bitwise the same sums
-    (cumsum is sequential too), without `_ap`'s per-positive bookkeeping."""
+def ap_matrix(rank: np.ndarray) -> np.ndarray:
+    """`ranked_ap` for rows with the same number of positives: rank (m, P), sorted. Bitwise the same sums
+    (cumsum is sequential too), without `ranked_ap`'s per-positive bookkeeping."""
     prec = np.arange(1, rank.shape[1] + 1) / rank
     return np.cumsum(prec, axis=1)[:, -1] / rank.shape[1]
 
@@ -285,18 +285,18 @@ def null_ap(n_pos: int, total: int, n_perm: int, seed: int) -> np.ndarray:
     step = max(1, NULL_CELLS // (n_pos if draw_pos else total))
     for s in range(0, n_perm, step):
         m = min(step, n_perm - s)
-        picked = _random_subsets(rng, m, n_pos if draw_pos else total - n_pos, total)  # sorted 0-based positions
+        picked = random_subsets(rng, m, n_pos if draw_pos else total - n_pos, total)  # sorted 0-based positions
         if draw_pos:
             rank = picked + 1
         else:  # the picks are the negatives; positives are every other position
             is_pos = np.ones((m, total), dtype=bool)
             is_pos[np.arange(m)[:, None], picked] = False
             rank = np.nonzero(is_pos)[1].reshape(m, n_pos) + 1
-        out[s : s + m] = _ap_matrix(rank)
+        out[s : s + m] = ap_matrix(rank)
     return out
 
 
-def _random_subsets(rng: np.random.Generator, m: int, k: int, t: int) -> np.ndarray:
+def random_subsets(rng: np.random.Generator, m: int, k: int, t: int) -> np.ndarray:
     """m uniform k-subsets of range(t), each sorted: (m, k).
 
     Draw k values with replacement, keep the distinct ones and redraw as many as were repeated, until

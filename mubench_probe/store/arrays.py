@@ -7,7 +7,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,10 @@ from .integrity import (
 from .layout import ROW_ARRAYS, RunLayout
 from .vectors import digest
 
-_WRITE = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
+if TYPE_CHECKING:  # the type zarr's public signatures name for `config=` (nothing imported at run time)
+    from zarr.core.array_spec import ArrayConfigParams
+
+_WRITE: ArrayConfigParams = {"write_empty_chunks": True}  # every written chunk gets a file, so absence means loss
 # What zarr, its JSON metadata parser and its codecs raise on a damaged or missing file.
 _DAMAGE = (ValueError, LookupError, TypeError)
 
@@ -47,7 +50,25 @@ def _to_str(values: np.ndarray) -> np.ndarray:
     return np.array(values.tolist(), dtype=object)
 
 
-def _on_zarr_loop(coro: Coroutine[Any, Any, T]) -> T:
+def _array_at(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of a group; a group found there instead is damage (TypeError, one of `_DAMAGE`)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{name} is a group, not an array")
+    return node
+
+
+def _get(arr: zarr.Array, sel: Any = slice(None)) -> np.ndarray:
+    """`arr[sel]` as the ndarray zarr returns for a slice selection (np.asarray does not copy it)."""
+    return np.asarray(arr[sel])
+
+
+def _attr(node: zarr.Group | zarr.Array, key: str, default: Any = None) -> Any:
+    """An attribute as stored JSON: its shape is checked where it is used (digests, `_record_ok`)."""
+    return node.attrs.get(key, default)
+
+
+def on_zarr_loop(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro` on zarr's own event loop and return its result.
 
     The one place that uses a zarr internal (`zarr.core.sync.sync`): zarr's public API has no
@@ -67,10 +88,10 @@ async def _alist(store: Any, prefix: str) -> list[str]:
 
 def _listed(group: zarr.Group | zarr.Array, prefix: str) -> list[str]:
     """Every key stored under `prefix` of the node's store (the listing, never a read)."""
-    return _on_zarr_loop(_alist(group.store_path.store, prefix))
+    return on_zarr_loop(_alist(group.store_path.store, prefix))
 
 
-def _stored_keys(arr: zarr.Array) -> set[str]:
+def stored_keys(arr: zarr.Array) -> set[str]:
     """Chunk keys that exist in the store (its listing: a missing chunk is not read as fill value)."""
     prefix = arr.store_path.path + "/"
     return {k[len(prefix) :] for k in _listed(arr, prefix)}
@@ -87,21 +108,21 @@ async def _await_others() -> None:
     await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current), return_exceptions=True)
 
 
-def _drain_writes() -> None:
+def drain_writes() -> None:
     """Wait for every write zarr still has in flight: when one chunk write fails, zarr raises at
     once while writes of the same batch go on in its event loop, and could land after cleanup."""
     with contextlib.suppress(RuntimeError):  # no loop running: nothing in flight
-        _on_zarr_loop(_await_others())
+        on_zarr_loop(_await_others())
 
 
-def _delete(group: zarr.Group, name: str) -> None:
+def delete_node(group: zarr.Group, name: str) -> None:
     """Remove a child node (array or group) even when its zarr.json is unreadable (the whole prefix)."""
     del group[name]
 
 
-def _delete_key(group: zarr.Group, key: str) -> None:
+def delete_key(group: zarr.Group, key: str) -> None:
     """Remove one stored object (a node's zarr.json), below `group`."""
-    _on_zarr_loop((group.store_path / key).delete())
+    on_zarr_loop((group.store_path / key).delete())
 
 
 def _group_attrs(
@@ -231,7 +252,7 @@ def _write_texts(
     comp = _compressors()
     t = max(len(texts), 1)
     for name in ("texts", "text_emb", "captions"):
-        _delete(g, name)
+        delete_node(g, name)
     g.create_array("texts", data=_str_array(list(texts)), chunks=(t,), compressors=comp, config=_WRITE)
     g.create_array(
         "text_emb",

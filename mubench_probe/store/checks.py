@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,20 +17,23 @@ from .arrays import (
     _DAMAGE,
     _META_FORGED,
     _UNBOUND,
+    _array_at,
+    _attr,
     _backup,
     _chunk_grid,
     _create_row_array,
-    _delete,
-    _delete_key,
     _fix_for,
+    _get,
     _layout_metadata,
     _listed,
     _mtime,
-    _stored_keys,
     _to_str,
     _write_meta,
     _write_row_index,
     _write_texts,
+    delete_key,
+    delete_node,
+    stored_keys,
     texts_digest,
 )
 from .integrity import (
@@ -55,6 +58,27 @@ class RunChecks:
 
     group: zarr.Group
     loc: Location
+    _intact: bool  # the cheap check passed (reads skip it from then on)
+    _records: dict[int, dict[str, str]] | None  # digests of done chunks, read once
+
+    if TYPE_CHECKING:  # what `Run` provides (declared here for the type checker only: Run's own definitions run)
+
+        @property
+        def path(self) -> str: ...
+        @property
+        def provenance_ok(self) -> bool: ...
+        @property
+        def provenance(self) -> dict[str, Any]: ...
+        @property
+        def digested(self) -> bool: ...
+        @property
+        def layout(self) -> RunLayout: ...
+        def backup_record(self) -> dict[str, Any] | None: ...
+        def caption_keys(self) -> list[str]: ...
+        def prompts(self) -> dict[str, Any]: ...
+        def clear_done(self, ci: int) -> None: ...
+        def _writable(self, name: str) -> zarr.Array: ...
+        def _update_attrs(self, **kw: Any) -> None: ...
 
     def _damaged_chunks(
         self,
@@ -65,7 +89,7 @@ class RunChecks:
     ) -> list[Damage]:
         """Chunks that fail their checksum, or (row arrays, with `records`) the digest of their position."""
         out = []
-        present = _stored_keys(arr)
+        present = stored_keys(arr)
         for idx, sel in _chunk_grid(arr):
             key = arr.metadata.encode_chunk_key(idx)
             if key not in present or (only is not None and idx not in only):
@@ -96,7 +120,7 @@ class RunChecks:
             arr = self._writable(CHUNK_DIGEST)
             current = None
             with contextlib.suppress(*_DAMAGE):  # an unreadable entry is simply replaced
-                current = decode_record(_to_str(arr[ci : ci + 1])[0])
+                current = decode_record(_to_str(_get(arr, slice(ci, ci + 1)))[0])
             if not (current and REPAIR_MARK in current):  # a repair resumed keeps the first reason
                 arr[ci] = repair_record(why)
         self.clear_done(ci)
@@ -138,7 +162,7 @@ class RunChecks:
         for name, (shape, chunks) in self._expected().items():
             node = f"{self.path}/{name}"
             try:
-                arr = self.group[name]
+                arr = _array_at(self.group, name)
             except _DAMAGE as exc:
                 missing = isinstance(exc, KeyError) and not self.loc.exists(f"{self.path}/{name}/zarr.json")
                 what = "is missing" if missing else f"zarr.json is unreadable ({_why(exc)})"
@@ -215,13 +239,13 @@ class RunChecks:
         if not self.digested or CHUNK_DIGEST not in arrays:
             return {}, []
         arr, node = arrays[CHUNK_DIGEST], f"{self.path}/{CHUNK_DIGEST}"
-        present, records, out = _stored_keys(arr), {}, []
+        present, records, out = stored_keys(arr), {}, []
         for ci in range(self.layout.n_chunks):
             key = arr.metadata.encode_chunk_key((ci,))
             if key not in present or (done[ci] and not deep):
                 continue  # a missing entry of a done chunk is reported from the listing
             try:
-                entry = decode_record(_to_str(arr[ci : ci + 1])[0])
+                entry = decode_record(_to_str(_get(arr, slice(ci, ci + 1)))[0])
             except _DAMAGE as exc:
                 what = f"chunk {ci} (file {CHUNK_DIGEST}/{key}) is damaged: {_why(exc)}"
                 out.append(Damage(node, what, "chunk", CHUNK_DIGEST, ci))
@@ -241,7 +265,7 @@ class RunChecks:
     def interrupted_repairs(self, done: np.ndarray) -> list[int]:
         """Chunks a killed repair cleared and nothing extracted since (cheap: only entries of chunks not done)."""
         try:
-            arrays = {CHUNK_DIGEST: self.group[CHUNK_DIGEST]} if self.digested else {}
+            arrays = {CHUNK_DIGEST: _array_at(self.group, CHUNK_DIGEST)} if self.digested else {}
         except _DAMAGE:  # reported by check()
             return []
         return [
@@ -266,12 +290,12 @@ class RunChecks:
                 stored = [(c.removeprefix("meta/"), arrays[c][:]) for c in cols]
                 if columns_digest(stored) != self.provenance.get("meta_sha256"):
                     out.append(Damage(f"{self.path}/meta", _META_FORGED, "meta"))
-        recorded = self.group.attrs.get("captions_sha256") or {}
+        recorded = _attr(self.group, "captions_sha256") or {}
         for key in self.caption_keys():
             parts = (f"captions/{key}/options", f"captions/{key}/answer")
             with contextlib.suppress(*_DAMAGE):
                 if all(p in arrays for p in parts):
-                    have = captions_digests({key: (arrays[parts[0]][:], arrays[parts[1]][:])})[key]
+                    have = captions_digests({key: (_get(arrays[parts[0]]), _get(arrays[parts[1]]))})[key]
                     if have != recorded.get(key):
                         out.append(Damage(f"{self.path}/captions/{key}", _CAPTIONS_FORGED, "texts"))
         return out
@@ -299,7 +323,7 @@ class RunChecks:
 
     def _check_done(self, arr: zarr.Array) -> tuple[np.ndarray, list[Damage]]:
         """The done mask (unreadable flags count as not done) and one Damage per missing/damaged flag."""
-        out, present = [], _stored_keys(arr)
+        out, present = [], stored_keys(arr)
         done = np.zeros(arr.shape[0], dtype=bool)
         for (ci,), sel in _chunk_grid(arr):
             key = arr.metadata.encode_chunk_key((ci,))
@@ -307,7 +331,7 @@ class RunChecks:
                 out.append(Damage(f"{self.path}/done", f"chunk {ci} (file done/{key}) is missing", "chunk", "done", ci))
                 continue
             try:
-                done[ci] = bool(arr[sel][0])
+                done[ci] = bool(_get(arr, sel)[0])
             except _DAMAGE as exc:
                 what = f"chunk {ci} (file done/{key}) is damaged: {_why(exc)}"
                 out.append(Damage(f"{self.path}/done", what, "chunk", "done", ci))
@@ -320,7 +344,7 @@ class RunChecks:
         for name, arr in arrays.items():
             if name == "done" or (name == "text_emb" and not texts_done):
                 continue
-            present = _stored_keys(arr)
+            present = stored_keys(arr)
             for idx, _ in _chunk_grid(arr):
                 if name in _PER_CHUNK and not done[idx[0]]:
                     continue
@@ -342,7 +366,7 @@ class RunChecks:
         if text_emb.shape[0] != texts.shape[0]:
             return [Damage(f"{self.path}/text_emb", "does not match the text table's length", "texts", "text_emb")]
         try:
-            values = [str(t) for t in _to_str(texts[:])]
+            values = [str(t) for t in _to_str(_get(texts))]
         except _DAMAGE as exc:  # a deep check names the damaged chunk itself
             return [] if deep else [Damage(f"{self.path}/texts", f"cannot be read ({_why(exc)})", "texts", "texts")]
         want = self.group.attrs.get("texts_sha256")
@@ -389,10 +413,10 @@ class RunChecks:
             fixed += [str(d) for d in problems if str(d) not in fixed]
         fixes = {d.fix for d in problems}
         if "meta" in fixes:
-            _delete(self.group, "meta")
+            delete_node(self.group, "meta")
             _write_meta(self.group, meta, layout)
         if "row_index" in fixes:
-            _delete(self.group, "row_index")
+            delete_node(self.group, "row_index")
             _write_row_index(self.group, layout)
         keys = sorted(captions)
         want = texts_digest(texts, prompts, keys)
@@ -415,5 +439,5 @@ class RunChecks:
         """Rewrite an array's zarr.json from the layout; its chunk files stay (and are checked after)."""
         if name == "row_index" or name.startswith(("meta", "texts", "text_emb", "captions")):
             return  # rewritten whole from the dataset instead
-        _delete_key(self.group, f"{name}/zarr.json")
+        delete_key(self.group, f"{name}/zarr.json")
         _create_row_array(self.group, name, layout)

@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zarr
 import zarr.storage
@@ -21,12 +21,12 @@ from .arrays import (
     _backup,
     _create_row_array,
     _digested,
-    _drain_writes,
     _group_attrs,
     _now,
     _write_meta,
     _write_row_index,
     _write_texts,
+    drain_writes,
     texts_digest,
 )
 from .integrity import (
@@ -50,6 +50,12 @@ class RunCommits:
     loc: Location
     path: Any  # a Path for a folder, the URL string for an object store
 
+    if TYPE_CHECKING:  # what `EmbeddingStore` provides (declared for the type checker only)
+
+        def _ensure_group(self, rel: str, strict: bool = False) -> None: ...
+        def _open(self, path: str) -> Run | BrokenRun: ...
+        def _creating(self, path: str) -> bool: ...
+
     def _create(self, spec: RunSpec, replace: bool) -> Run | None:
         """Build the run under .creating/ and rename it into place; None if another writer won."""
         if self.loc.remote:
@@ -65,12 +71,12 @@ class RunCommits:
     def _build_and_rename(self, scratch: Path, spec: RunSpec, replace: bool) -> Run | None:
         try:
             g = zarr.open_group(str(scratch), mode="w", zarr_format=3)
-            _build_run(g, _stamped(spec))
+            build_run(g, _stamped(spec))
             parts = spec.path.split("/")
             for i in range(1, len(parts)):
                 self._ensure_group("/".join(parts[:i]), strict=True)
         except BaseException:
-            _drain_writes()  # writes zarr still has in flight would recreate the folder after it is removed
+            drain_writes()  # writes zarr still has in flight would recreate the folder after it is removed
             shutil.rmtree(scratch, ignore_errors=True)  # a leftover is removed on the next run
             raise
         target = self.path / spec.path
@@ -110,7 +116,7 @@ class RunCommits:
                 return None  # committed by another writer meanwhile: join it
             self.loc.rmtree(path)  # a replaced run, or what a creator that died left uncommitted
             built: dict[str, Any] = {}  # the in-memory store's objects: key -> zarr Buffer
-            _build_run(zarr.open_group(zarr.storage.MemoryStore(built), mode="w", zarr_format=3), _stamped(spec))
+            build_run(zarr.open_group(zarr.storage.MemoryStore(built), mode="w", zarr_format=3), _stamped(spec))
             parts = path.split("/")
             for i in range(1, len(parts)):
                 self._ensure_group("/".join(parts[:i]), strict=True)
@@ -131,8 +137,11 @@ def _stamped(spec: RunSpec) -> RunSpec:
     return dataclasses.replace(spec, provenance={**spec.provenance, "created": _now()})
 
 
-def _build_run(g: zarr.Group, spec: RunSpec) -> None:
-    """Every array of a new run, then its attributes (the group is renamed into place after)."""
+def build_run(g: zarr.Group, spec: RunSpec) -> None:
+    """Every array of a new run, then its attributes (the group is renamed into place after).
+
+    Public as the seam between building and committing: tests wrap it to hold concurrent creators
+    between the two (both builders finish before either commits)."""
     layout, captions = spec.layout, spec.captions
     optional = (
         *(("features",) if layout.feature_dim is not None else ()),

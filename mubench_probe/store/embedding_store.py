@@ -18,7 +18,7 @@ import zarr.errors
 from ..claims import DEFAULT_CLAIM_TIMEOUT, HOST, pid_alive
 from ..errors import ProvenanceMismatchError, StoreDamageError, StoreError
 from ..locations import Location, location
-from .arrays import _DAMAGE, _delete_key, _group_attrs, _mtime, _now
+from .arrays import _DAMAGE, _group_attrs, _mtime, _now, delete_key
 from .commit import _BUILDING, RunCommits, _creating_name
 from .integrity import (
     DIGESTS_VERSION,
@@ -29,7 +29,7 @@ from .integrity import (
     old_enough,
     started_after,
 )
-from .layout import CLAIMS, CREATING, FORMAT_VERSION, Damage, RunLayout, RunSpec, _why, identity_diff
+from .layout import CLAIMS, CREATING, FORMAT_VERSION, PERTURBED, Damage, RunLayout, RunSpec, _why, identity_diff
 from .run import BrokenRun, Run
 
 
@@ -45,6 +45,11 @@ def _restore(run: Run, record: Mapping[str, Any]) -> None:
     attrs["texts_sha256"] = record["texts_sha256"]
     run.group.attrs.put(attrs)
     run.reload()
+
+
+def _severity_order(run: Run) -> tuple[str, float]:
+    p = run.provenance["perturbation"]
+    return str(p.get("name")), float(p.get("severity"))  # float("inf") for noise's identity
 
 
 class EmbeddingStore(RunCommits):
@@ -142,15 +147,32 @@ class EmbeddingStore(RunCommits):
         info = claims.owners().get("create")
         return info is not None and info.live
 
-    def runs(self) -> list[Run]:
-        """Every run, refusing the store in one line if a run's zarr.json or provenance is damaged."""
+    def runs(self, perturbed: bool = False) -> list[Run]:
+        """Every clean run (with `perturbed`, the perturbed runs too), refusing the store in one line
+        if a run's zarr.json or provenance is damaged. Perturbed runs are left out by default so that
+        search, compare and evaluate see what they saw before perturbations existed; `twins` finds them."""
         out = []
         for node in self.scan():
             if isinstance(node, BrokenRun):
                 raise node.error()
             node.provenance  # noqa: B018 - raises when the digest does not match
-            out.append(node)
+            if perturbed or node.perturbation is None:
+                out.append(node)
         return out
+
+    def twins(self, run: Run) -> list[Run]:
+        """The perturbed runs of `run`'s model, dataset and split, by perturbation name then severity."""
+        _, *rest = run.path.split("/")
+        top = run.path.split("/")[0].split(PERTURBED)[0]
+        found = [
+            r
+            for r in self.runs(perturbed=True)
+            if r.perturbation is not None
+            and r.path.split("/")[0].split(PERTURBED)[0] == top
+            and r.path.split("/")[1:] == rest
+            and r.model_spec == run.model_spec
+        ]
+        return sorted(found, key=_severity_order)
 
     def find(self, model: str | None = None, dataset: str | None = None, split: str | None = None) -> list[Run]:
         """Runs matching a model spec or key, a dataset key and a split (None = any)."""
@@ -256,7 +278,7 @@ class EmbeddingStore(RunCommits):
             readable = False
         if readable and (not strict or group_problem(self.loc.read_bytes(f"{rel}/zarr.json"), False) is None):
             return
-        _delete_key(self.root, f"{rel}/zarr.json")
+        delete_key(self.root, f"{rel}/zarr.json")
         try:
             zarr.open_group(self.root.store, path=rel, mode="a", zarr_format=3)
         except zarr.errors.ContainsGroupError:  # another writer created it at this moment

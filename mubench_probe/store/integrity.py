@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 
 DIGESTS_VERSION = 1  # provenance["digests"]: this run records chunk, metadata and caption digests
 CHUNK_DIGEST = "chunk_digest"  # the per-chunk digest array
@@ -46,7 +45,7 @@ def _payload(values: Any) -> tuple[str, memoryview]:
     if a.dtype.kind in "OTUS":
         return "str", memoryview(json.dumps([str(v) for v in a.reshape(-1).tolist()], ensure_ascii=False).encode())
     a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
-    return a.dtype.str, memoryview(a.reshape(-1).view(np.uint8))
+    return a.dtype.str, a.reshape(-1).view(np.uint8).data  # the array's own buffer, as a memoryview
 
 
 def chunk_digest(run_path: str, name: str, key: str, values: Any) -> str:
@@ -159,26 +158,14 @@ def group_problem(raw: bytes | None, attributes: bool) -> str | None:
     return None if ok else "is not the group metadata probe writes (edited or damaged)"
 
 
-def _boot_time() -> float | None:
-    try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def started_after(pid: int, t: float, margin: float = 60.0) -> bool:
-    """Whether process `pid` (Linux) started after time `t`: then it did not create what was there
-    before it, and its pid was reused (False where it cannot be told). The margin covers the boot
-    time Linux derives from a wall clock that may have been stepped since."""
+    """Whether process `pid` started after time `t`: then it did not create what was there before it,
+    and its pid was reused (False where it cannot be told). The margin covers a process start time
+    derived from a boot time and a wall clock that may have been stepped since."""
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).create_time() > t + margin
+    except (psutil.Error, OSError):
         return False
-    boot = _boot_time()
-    return boot is not None and boot + ticks / os.sysconf("SC_CLK_TCK") > t + margin
 
 
 def metadata_difference(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:

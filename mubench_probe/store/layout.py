@@ -39,7 +39,14 @@ IDENTITY_KEYS = (
     "features",
     "pixels",  # channels, channel mode, z / t projection, target pixel size (None: single 2-D images)
     "dataset_scene",
+    "perturbation",  # perturbed runs only (see perturb.py): absent in clean runs and in stores made before it
 )
+PERTURBED = "~"  # a perturbed run's model folder is MODEL~PERTURBATION, e.g. tiny~blur_1
+
+
+def model_dir(model_slug: str, perturbation_slug: str | None = None) -> str:
+    """The first level of a run's path: the model, and for a perturbed run its perturbation key."""
+    return model_slug if perturbation_slug is None else f"{model_slug}{PERTURBED}{perturbation_slug}"
 
 
 def repair_hint(store: Path | str) -> str:

@@ -22,8 +22,11 @@ from .arrays import (
     _STR,
     _UNBOUND,
     _WRITE,
+    _array_at,
+    _attr,
     _backup,
     _digested,
+    _get,
     _layout_metadata,
     _record_ok,
     _row_key,
@@ -84,7 +87,7 @@ class Run(RunChecks):
                 f"{self.file('zarr.json')}: the run's provenance does not match its sha256 digest "
                 f"(edited or damaged); {repair_hint(self.store_path)}"
             )
-        return dict(self.group.attrs["provenance"])
+        return dict(_attr(self.group, "provenance"))  # present: provenance_ok checked its digest
 
     @property
     def raw_provenance(self) -> dict[str, Any]:
@@ -121,11 +124,11 @@ class Run(RunChecks):
         p = provenance
         try:
             lay = RunLayout(p["n_rows"], p["embed_dim"], p["chunk_rows"], p["dtype"], p.get("feature_dim"))
-            arr = self.group["image_emb"]
+            arr = _array_at(self.group, "image_emb")
             want = _layout_metadata("image_emb", lay)
         except (*_DAMAGE, StoreError):
             return True
-        stored = arr.metadata.to_dict()
+        stored: dict[str, Any] = arr.metadata.to_dict()
         return metadata_difference(stored, want) is None and tuple(stored["shape"]) == tuple(want["shape"])
 
     def record(self) -> dict[str, Any] | None:
@@ -137,7 +140,7 @@ class Run(RunChecks):
 
     def backup_record(self) -> dict[str, Any] | None:
         try:
-            copy = self.group["done"].attrs.get("backup")
+            copy = _attr(self.group["done"], "backup")
         except _DAMAGE:
             return None
         return dict(copy) if _record_ok(copy) else None
@@ -154,7 +157,7 @@ class Run(RunChecks):
     # ---- low-level reads ------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
         try:
-            return self.group[name]
+            return _array_at(self.group, name)
         except _DAMAGE as exc:
             what = "is missing" if isinstance(exc, KeyError) else f"has an unreadable zarr.json ({_why(exc)})"
             raise StoreDamageError(f"{self.file(name)} {what}; {repair_hint(self.store_path)}") from None
@@ -163,7 +166,7 @@ class Run(RunChecks):
         """Read an array; a damaged chunk is named in a CorruptChunkError, never a codec traceback."""
         arr = self._array(name)
         try:
-            return arr[sel]
+            return _get(arr, sel)
         except _DAMAGE as exc:
             bad = self._damaged_chunks(arr, name)
             if not bad:
@@ -366,7 +369,7 @@ class Run(RunChecks):
         self.require_intact()
         g = self.group["meta"]
         cols: dict[str, Any] = {}
-        stored = [(str(name), self._read(f"meta/{name}")) for name in g.attrs.get("columns", [])]
+        stored = [(str(name), self._read(f"meta/{name}")) for name in _attr(g, "columns", [])]
         if self.digested and columns_digest(stored) != self.provenance.get("meta_sha256"):
             raise StoreDamageError(f"{self.file('meta')} {_META_FORGED}; {repair_hint(self.store_path)}")
         for name, values in stored:
@@ -378,7 +381,7 @@ class Run(RunChecks):
         return pd.DataFrame(cols)
 
     def caption_keys(self) -> list[str]:
-        return sorted(self.group.attrs.get("caption_keys") or [])
+        return sorted(_attr(self.group, "caption_keys") or [])
 
     def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(options (N, K) text indices with -1 padding, answer (N,) with -1 for null entries)."""
@@ -387,13 +390,19 @@ class Run(RunChecks):
             np.asarray(self._read(f"captions/{key}/options")),
             np.asarray(self._read(f"captions/{key}/answer")),
         )
-        want = (self.group.attrs.get("captions_sha256") or {}).get(key) if self.digested else None
+        want = (_attr(self.group, "captions_sha256") or {}).get(key) if self.digested else None
         if want is not None and captions_digests({key: (options, answer)})[key] != want:
             raise StoreDamageError(f"{self.file('captions', key)} {_CAPTIONS_FORGED}; {repair_hint(self.store_path)}")
         return options, answer
 
     def prompts(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("prompts", {}))
+        return dict(_attr(self.group, "prompts", {}))
+
+    @property
+    def perturbation(self) -> str | None:
+        """The canonical key of a perturbed run (`blur:1`, see perturb.py); None for a clean run."""
+        p = self.provenance.get("perturbation")
+        return str(p["key"]) if isinstance(p, Mapping) and "key" in p else None
 
 
 @dataclass
@@ -411,7 +420,7 @@ class BrokenRun:
 
     def backup_record(self) -> dict[str, Any] | None:
         try:
-            copy = zarr.open_array(self.store, path=f"{self.path}/done", mode="r", zarr_format=3).attrs.get("backup")
+            copy = _attr(zarr.open_array(self.store, path=f"{self.path}/done", mode="r", zarr_format=3), "backup")
         except _DAMAGE:
             return None
         return dict(copy) if _record_ok(copy) else None
@@ -471,17 +480,17 @@ class ChannelArrays(RunArrays):
         return self.run.channel_embeddings(self.k)
 
     @property
-    def valid(self) -> np.ndarray:  # type: ignore[override]
+    def valid(self) -> np.ndarray:
         return self.base.valid
 
     @property
-    def meta(self) -> pd.DataFrame:  # type: ignore[override]
+    def meta(self) -> pd.DataFrame:
         return self.base.meta
 
     @property
-    def texts(self) -> list[str] | None:  # type: ignore[override]
+    def texts(self) -> list[str] | None:
         return self.base.texts
 
     @property
-    def text_emb(self) -> np.ndarray | None:  # type: ignore[override]
+    def text_emb(self) -> np.ndarray | None:
         return self.base.text_emb

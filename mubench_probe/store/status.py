@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..config import shard_of
-from .arrays import _DAMAGE
+from .arrays import _DAMAGE, _array_at
 from .run import BrokenRun, Run
 
 
@@ -33,7 +33,7 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
         }
     p = node.provenance
     try:
-        done = node._check_done(node.group["done"])[0]
+        done = node._check_done(_array_at(node.group, "done"))[0]
     except _DAMAGE:  # the done array's zarr.json is damaged: reported in problems
         done = np.zeros(node.layout.n_chunks, dtype=bool)
     complete = node.texts_done and bool(done.all())
@@ -50,7 +50,7 @@ def describe(node: Run | BrokenRun) -> dict[str, Any]:
         "split": node.path.split("/")[-1],
         "rows": p.get("n_rows"),
         "chunks_done": f"{int(done.sum())}/{done.size}",
-        "texts": int(node.group["texts"].shape[0]) if node.has_text and "texts" in node.group else 0,
+        "texts": int(_array_at(node.group, "texts").shape[0]) if node.has_text and "texts" in node.group else 0,
         "failed_rows": None if problems else len(node.failures_unchecked()),
         "status": status,
         "problems": [str(d) for d in problems],
@@ -72,7 +72,7 @@ def run_status(node: Run | BrokenRun, shards: int | None = None) -> dict[str, An
         return {**out, "chunks_done": None, "chunks_total": None, "shards": None, "per_shard": [], "claims": []}
     p = node.provenance
     try:
-        done = node._check_done(node.group["done"])[0]
+        done = node._check_done(_array_at(node.group, "done"))[0]
     except _DAMAGE:
         done = np.zeros(node.layout.n_chunks, dtype=bool)
     claims = node.claims()
