@@ -107,7 +107,13 @@ def open_page(page: Any, url: str, timeout_ms: int = 30000) -> None:
 
 
 def wait_ready(page: Any, timeout_ms: int = 30000) -> None:
-    page.wait_for_selector('#page[data-ready="true"]', timeout=timeout_ms)
+    """Wait until the page of the *current* hash has rendered (after a click the previous page is
+    still marked ready until the hashchange handler runs)."""
+    page.wait_for_function(
+        """() => { const p = document.getElementById("page");
+                   return p && p.dataset.ready === "true" && p.dataset.rendered === location.hash; }""",
+        timeout=timeout_ms,
+    )
 
 
 def wait_images(page: Any, timeout_ms: int = 30000) -> None:

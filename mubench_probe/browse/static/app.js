@@ -98,6 +98,7 @@ function parseHash() {
 let renderSeq = 0;
 async function route() {
   const { name, params } = parseHash();
+  const hash = location.hash;
   const seq = ++renderSeq;
   const main = document.getElementById("page");
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.page === name);
@@ -113,7 +114,10 @@ async function route() {
   } catch (err) {
     if (seq === renderSeq) showError(main, err);
   }
-  if (seq === renderSeq) main.dataset.ready = "true";
+  if (seq === renderSeq) {
+    main.dataset.rendered = hash; // which route is ready: a click changes the hash before it re-renders
+    main.dataset.ready = "true";
+  }
 }
 
 if (typeof window !== "undefined" && document.getElementById("page")) {

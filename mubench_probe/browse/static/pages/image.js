@@ -56,7 +56,7 @@ export async function render(root, params) {
   const nb = el("div", { class: "neighbours" });
   for (const n of v.neighbours) {
     nb.append(el("div", { data: { run: n.run } }, el("h4", {}, n.model),
-      el("div", { class: "grid" }, ...n.hits.map((h) => card(n.run, h.row, `#${h.rank} ${fmt(h.score)}`, h.label_name ?? "")))));
+      el("div", { class: "grid" }, ...n.hits.map((h) => card(n.run, h.row, `#${h.rank} ${fmt(h.score, 4)}`, h.label_name ?? "")))));
   }
   root.append(nb);
 }
