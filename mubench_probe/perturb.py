@@ -292,6 +292,15 @@ def _blur_mpp(image: np.ndarray, sigma: float, seed: int, mpp: float | None) -> 
     return blur(image, px)
 
 
+def _resample_mpp(image: np.ndarray, target: float, seed: int, mpp: float | None) -> np.ndarray:
+    """`scale` to a target pixel size: the factor is the row's µm/px over the target (0: unchanged)."""
+    if target == 0:
+        return image
+    if mpp is None or not np.isfinite(mpp) or mpp <= 0:
+        raise ValueError("resample needs the image's pixel size (microns_per_pixel), unknown for this row")
+    return scale(image, mpp / target)
+
+
 PERTURBATIONS: dict[str, PerturbationSpec] = {
     p.name: p
     for p in (
@@ -331,6 +340,15 @@ PERTURBATIONS: dict[str, PerturbationSpec] = {
         ),
         PerturbationSpec(
             "scale", lambda im, s, seed, mpp: scale(im, s), "factor", "resampling factor", 1.0, minimum=1e-3, maximum=16
+        ),
+        PerturbationSpec(
+            "resample",
+            _resample_mpp,
+            "um/px",
+            "target pixel size in µm (needs the row's microns_per_pixel; 0: unchanged)",
+            0,
+            minimum=0,
+            maximum=1e3,
         ),
         PerturbationSpec(
             "channel-drop",

@@ -128,6 +128,20 @@ def test_rotate_matches_numpy_and_scipy_references():
     np.testing.assert_allclose(P.rotate(f, 30)[8:16, 10:22], sk[8:16, 10:22], atol=1e-6)
 
 
+def test_resample_scales_to_a_target_pixel_size_and_needs_the_pixel_size():
+    g = _images()[1]
+    to_one_um = P.Perturbation("resample", 1.0)
+    np.testing.assert_array_equal(to_one_um(g, "row-1", 0.5), P.scale(g, 0.5))  # 0.5 µm/px -> 1 µm/px: half
+    np.testing.assert_array_equal(to_one_um(g, "row-1", 2.0), P.scale(g, 2.0))
+    assert to_one_um(g, "row-1", 1.0).tobytes() == g.tobytes()  # already at the target
+    for unknown in (None, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="pixel size"):
+            to_one_um(g, "row-1", unknown)
+    assert [p.key for p in P.parse_perturb("resample:0.25,1")] == ["resample:0.25", "resample:1"]
+    with pytest.raises(UsageError):
+        P.parse_perturb("resample:-1")
+
+
 def test_flip_scale_gamma_exposure_channel_drop():
     from skimage.transform import rescale
 
