@@ -248,8 +248,9 @@ def hits(
     return out
 
 
-def hit_images(run: Run, rows: list[int]) -> list[bytes]:
-    """Raw bytes of the hit images, read from the dataset named in the store's provenance."""
+def run_dataset(run: Run, what: str = "its images") -> Any:
+    """The dataset a run was extracted from, opened as its provenance names it; refused (StoreError,
+    naming `what` cannot be shown) when its fingerprint says it changed since extraction."""
     from .datasets import load_dataset
 
     p = run.provenance
@@ -263,7 +264,12 @@ def hit_images(run: Run, rows: list[int]) -> list[bytes]:
     )
     if p.get("dataset_fingerprint") and ds.identity.get("fingerprint") != p["dataset_fingerprint"]:
         raise StoreError(
-            f"the dataset {p.get('dataset_spec')} changed since extraction (fingerprint differs); "
-            "cannot show its images for these hits"
+            f"the dataset {p.get('dataset_spec')} changed since extraction (fingerprint differs); cannot show {what}"
         )
+    return ds
+
+
+def hit_images(run: Run, rows: list[int]) -> list[bytes]:
+    """Raw bytes of the hit images, read from the dataset named in the store's provenance."""
+    ds = run_dataset(run, "its images for these hits")
     return [ds.reader.read(r) for r in rows]

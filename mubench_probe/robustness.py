@@ -22,11 +22,21 @@ import pandas as pd
 
 from .config import EvalConfig
 from .errors import StoreError
-from .heads import KNNHead, LinearProbe, PromptZeroShot, PrototypeHead, caption_choice
+from .heads import PromptZeroShot, PrototypeHead, caption_choice
 from .heads.metrics import Estimate, paired_difference
 from .heads.robustness import Predictor, clean_trained_predictions, invariance, row_cosines, shift_scores
 from .heads.scoring import view
-from .protocol import HEAD_ERRORS, Output, TaskArrays, caption_keys, plan_task, task_config, test_mask
+from .protocol import (
+    HEAD_ERRORS,
+    Output,
+    TaskArrays,
+    caption_groups,
+    groups_of,
+    knn_for,
+    plan_task,
+    probe_for,
+    task_config,
+)
 from .store import EmbeddingStore, Run, RunArrays
 
 PREFIX = "robustness/"
@@ -70,26 +80,13 @@ def twin_arrays(twins: Sequence[Run], valid: np.ndarray) -> tuple[np.ndarray, li
     return valid, shifted
 
 
-def _probe(cfg: EvalConfig) -> LinearProbe:
-    """The evaluation's linear probe (the settings of `protocol`'s lp head)."""
-    return LinearProbe(
-        Cs=cfg.cs,
-        patience=cfg.patience,
-        random_state=cfg.seed,
-        fallback_C=cfg.fallback_c,
-        backend=cfg.probe_backend,
-        device=cfg.device,
-        select=cfg.probe_select,
-    )
-
-
 def _fitters(t: TaskArrays, cfg: EvalConfig, grouped: bool) -> dict[str, Callable[[np.ndarray], Predictor]]:
     """Per trained head, `fit(train rows) -> predictor` on the clean rows of `t`, as `protocol` fits it."""
     n = t.task.n_classes
-    groups = t.meta[t.task.group_by].astype(str).to_numpy() if grouped and t.task.group_by in t.meta else None
+    groups = groups_of(t) if grouped else None
 
     def lp(train: np.ndarray) -> Predictor:
-        probe = _probe(cfg).fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
+        probe = probe_for(cfg).fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
         return lambda rows: {"lp": probe.predict(rows)}
 
     def proto(train: np.ndarray) -> Predictor:
@@ -97,8 +94,7 @@ def _fitters(t: TaskArrays, cfg: EvalConfig, grouped: bool) -> dict[str, Callabl
         return lambda rows: {"proto": head.predict(rows)}
 
     def knn(train: np.ndarray) -> Predictor:
-        device = None if cfg.device == "auto" else cfg.device
-        head = KNNHead(cfg.ks, cfg.temperature, n, index=cfg.knn_index, device=device, seed=cfg.seed)
+        head = knn_for(cfg, n)
         head.fit(view(t.x, train), t.y[train])
         return lambda rows: {f"knn@{k}": p for k, p in head.predict_all(rows).items()}
 
@@ -175,13 +171,7 @@ def evaluate_caption_twins(
     """μ-Bench caption zero-shot on clean and perturbed images, pooled per group (coarse, fine) over
     the rows the clean caption unit scores (`robustness/mubench/<group>`, head `zs_caption`)."""
     out = Output()
-    tested = test_mask(meta, cfg)
-    sources = meta["dataset"].astype(str).to_numpy() if "dataset" in meta else None
-    for group, keys in caption_keys(list(captions), cfg).items():
-        keep = valid.copy() if tested is None else valid & tested
-        excluded = cfg.excluded_for(group)
-        if excluded and sources is not None:
-            keep &= ~np.isin(sources, excluded)
+    for group, (keys, keep) in caption_groups(captions, meta, valid, cfg).items():
         answers: list[np.ndarray] = []
         chosen: list[list[np.ndarray]] = [[] for _ in range(len(twins) + 1)]
         for ck in keys:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import NotFoundError, StoreError, UsageError
+from ..errors import NotFoundError, UsageError
+from ..queries import run_dataset
 from ..store import EmbeddingStore, Run, RunArrays
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -133,7 +134,7 @@ class BrowseContext:
     def dataset(self, run_id: str) -> Any:
         """The run's source dataset, opened from its provenance once (images are read from it on demand)."""
         run = self.run(run_id)
-        return self.cached(run_id, "dataset", lambda: _open_dataset(run))
+        return self.cached(run_id, "dataset", lambda: run_dataset(run))
 
     def image_bytes(self, run_id: str, row: int) -> bytes:
         """The raw bytes of one row's image (as `probe search --sheet` reads them)."""
@@ -193,23 +194,3 @@ class BrowseContext:
             return p[keep].reset_index(drop=True)
 
         return self.cached(run_id, "predictions", make)
-
-
-def _open_dataset(run: Run) -> Any:
-    from ..datasets import load_dataset
-
-    p = run.provenance
-    limit = int(p["dataset_limit"]) if p.get("dataset_limit") else None
-    ds = load_dataset(
-        p.get("dataset_spec") or "sample",
-        split=p.get("split"),
-        revision=p.get("dataset_revision"),
-        limit=limit,
-        scene=p.get("dataset_scene"),
-    )
-    if p.get("dataset_fingerprint") and ds.identity.get("fingerprint") != p["dataset_fingerprint"]:
-        raise StoreError(
-            f"the dataset {p.get('dataset_spec')} changed since extraction (fingerprint differs): "
-            "cannot show its images"
-        )
-    return ds

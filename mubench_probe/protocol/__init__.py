@@ -23,13 +23,15 @@ Modules: `arrays` (TaskArrays, Output), `plan` (rows, classes and folds per prot
 
 from ..config import EvalConfig
 from .arrays import NOTE_KINDS, Output, TaskArrays
-from .captions import CAPTION_RUNNERS, caption_keys, evaluate_captions, evaluate_retrieval
+from .captions import CAPTION_RUNNERS, caption_groups, caption_keys, evaluate_captions, evaluate_retrieval
 from .heads import (
     CALIBRATION_BINS,
     HEAD_ERRORS,
     RECALL_QUERIES,
     RUNNERS,
     HeadRun,
+    knn_for,
+    probe_for,
     run_few_shot,
     run_knn,
     run_linear_probe,
@@ -41,6 +43,7 @@ from .plan import (
     batch_column,
     check_protocol,
     few_shot_indices,
+    groups_of,
     plan_task,
     task_config,
     test_mask,
@@ -64,13 +67,17 @@ __all__ = [
     "TaskArrays",
     "TaskPlan",
     "batch_column",
+    "caption_groups",
     "caption_keys",
     "check_protocol",
     "evaluate_captions",
     "evaluate_retrieval",
     "evaluate_task",
     "few_shot_indices",
+    "groups_of",
+    "knn_for",
     "plan_task",
+    "probe_for",
     "run_few_shot",
     "run_knn",
     "run_linear_probe",

@@ -31,6 +31,23 @@ def caption_keys(available: Sequence[str], cfg: EvalConfig) -> dict[str, list[st
     }
 
 
+def caption_groups(
+    captions: dict[str, tuple[np.ndarray, np.ndarray]], meta: pd.DataFrame, valid: np.ndarray, cfg: EvalConfig
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per pooled group ("coarse", "fine"): its caption keys and the rows it scores (valid, tested under
+    the protocol, not from a dataset the group excludes), so every caption measure pools the same rows."""
+    tested = test_mask(meta, cfg)
+    sources = meta["dataset"].astype(str).to_numpy() if "dataset" in meta else None
+    groups = {}
+    for group, keys in caption_keys(list(captions), cfg).items():
+        keep = valid.copy() if tested is None else valid & tested
+        excluded = cfg.excluded_for(group)
+        if excluded and sources is not None:
+            keep &= ~np.isin(sources, excluded)
+        groups[group] = (keys, keep)
+    return groups
+
+
 def evaluate_captions(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
@@ -44,13 +61,8 @@ def evaluate_captions(
     Under --protocol split/transfer only the test rows are scored, like every other head.
     """
     out = Output()
-    rows_tested = test_mask(meta, cfg)
     datasets_col = meta["dataset"].astype(str).to_numpy() if "dataset" in meta else None
-    for group, keys in caption_keys(list(captions), cfg).items():
-        keep = valid.copy() if rows_tested is None else valid & rows_tested
-        excluded = cfg.excluded_for(group)
-        if excluded and datasets_col is not None:
-            keep &= ~np.isin(datasets_col, excluded)
+    for group, (keys, keep) in caption_groups(captions, meta, valid, cfg).items():
         pooled, per_key, probs, answers = [], [], [], []
         for key in keys:
             options, answer = captions[key]

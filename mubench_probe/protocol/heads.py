@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -198,7 +199,7 @@ def _edge_note(name: str, head: str, probes: list[tuple[str, LinearProbe]], cs: 
     return notes
 
 
-def _probe(cfg: EvalConfig, **kw) -> LinearProbe:
+def probe_for(cfg: EvalConfig, **kw: Any) -> LinearProbe:
     """A linear probe with the evaluation's C grid, stopping rule, selection criterion and solver."""
     settings = dict(
         Cs=cfg.cs,
@@ -210,6 +211,12 @@ def _probe(cfg: EvalConfig, **kw) -> LinearProbe:
         select=cfg.probe_select,
     )
     return LinearProbe(**{**settings, **kw})
+
+
+def knn_for(cfg: EvalConfig, n_classes: int) -> KNNHead:
+    """A kNN head with the evaluation's k grid, temperature, index and device."""
+    device = None if cfg.device == "auto" else cfg.device
+    return KNNHead(cfg.ks, cfg.temperature, n_classes, index=cfg.knn_index, device=device, seed=cfg.seed)
 
 
 def run_linear_probe(
@@ -224,7 +231,7 @@ def run_linear_probe(
     probes = []
     groups = groups_of(t) if grouped else None
     for i, (train, te) in enumerate(folds):
-        probe = _probe(cfg)
+        probe = probe_for(cfg)
         probe.fit(view(t.x, train), t.y[train], groups=groups[train] if groups is not None else None)
         for block in _blocks(te, t.x.shape[1]):
             pred[block] = probe.predict(t.x[block])
@@ -260,9 +267,8 @@ def run_knn(
     preds = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks}
     nsb = {k: np.full(len(t.y), -1, dtype=np.int64) for k in cfg.ks} if batches is not None else {}
     recalls, asked = [], 0
-    device = None if cfg.device == "auto" else cfg.device
     for i, (train, te) in enumerate(folds):
-        knn = KNNHead(cfg.ks, cfg.temperature, t.task.n_classes, index=cfg.knn_index, device=device, seed=cfg.seed)
+        knn = knn_for(cfg, t.task.n_classes)
         gallery = view(t.x, train)
         knn.fit(gallery, t.y[train])
         for block in _blocks(te, t.x.shape[1]):
@@ -316,7 +322,7 @@ def run_few_shot(out: Output, t: TaskArrays, folds: Folds, cfg: EvalConfig) -> N
             if idx is None:
                 out.note(f"{name}: {shots}-shot skipped (a class has fewer than {shots} training rows)", "skipped")
                 break
-            probe = _probe(cfg, val_fraction=0.5, random_state=s).fit(t.x[idx], t.y[idx])
+            probe = probe_for(cfg, val_fraction=0.5, random_state=s).fit(t.x[idx], t.y[idx])
             probes.append((f"seed {s}", probe))
             _probe_record(out, name, f"lp_{shots}shot", probe, len(idx), "all", s)
             for head, model in (("lp", probe), ("proto", PrototypeHead(t.task.n_classes).fit(t.x[idx], t.y[idx]))):
