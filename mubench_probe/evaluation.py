@@ -266,7 +266,8 @@ def plan_units(
     can be evaluated while other models are still running; if nothing is complete, that is an
     error naming the command that finishes them.
     """
-    all_runs = store.runs()
+    scanned = store.runs(perturbed=True)  # one scan: the clean runs, and the twins of each below
+    all_runs = [r for r in scanned if r.perturbation is None]
     runs = [r for r in all_runs if not models or any(m in (r.model_spec, r.path.split("/")[0]) for m in models)]
     unknown = [m for m in models or [] if not any(m in (r.model_spec, r.path.split("/")[0]) for r in all_runs)]
     if not runs or unknown:
@@ -315,7 +316,7 @@ def plan_units(
                 if _wanted(task.name, tasks):
                     key = unit_key(run, task.name, cfg, tmpl, channel, task.spec)
                     units.append(Unit(run, "task", task.name, key, (task, tmpl), view, channel))
-        twins, twin_notes = robustness.ready_twins(store, run)  # perturbed twins: robustness/<task> units
+        twins, twin_notes = robustness.ready_twins(store, run, scanned)  # perturbed twins: robustness/<task> units
         notes += twin_notes
         captioned = [None] if twins and run.has_text and caption_heads and run.caption_keys() else []
         for twin_task in [*captioned, *(run_tasks if twins else [])]:

@@ -281,10 +281,11 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ready_twins(store: EmbeddingStore, run: Run) -> tuple[list[Run], list[str]]:
-    """The complete perturbed twins of `run`, and a note for each one still being extracted."""
+def ready_twins(store: EmbeddingStore, run: Run, among: Sequence[Run] | None = None) -> tuple[list[Run], list[str]]:
+    """The complete perturbed twins of `run` (among one scan of the store's runs, when given), and a
+    note for each one still being extracted."""
     ready, notes = [], []
-    for twin in store.twins(run):
+    for twin in store.twins(run, among):
         if twin.complete:
             ready.append(twin)
         else:

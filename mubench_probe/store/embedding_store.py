@@ -160,13 +160,16 @@ class EmbeddingStore(RunCommits):
                 out.append(node)
         return out
 
-    def twins(self, run: Run) -> list[Run]:
-        """The perturbed runs of `run`'s model, dataset and split, by perturbation name then severity."""
+    def twins(self, run: Run, among: Sequence[Run] | None = None) -> list[Run]:
+        """The perturbed runs of `run`'s model, dataset and split, by perturbation name then severity.
+
+        `among`: the runs of one `runs(perturbed=True)` scan, when the caller asks for the twins of
+        many runs (each scan reads and checks every run's provenance)."""
         _, *rest = run.path.split("/")
         top = run.path.split("/")[0].split(PERTURBED)[0]
         found = [
             r
-            for r in self.runs(perturbed=True)
+            for r in (self.runs(perturbed=True) if among is None else among)
             if r.perturbation is not None
             and r.path.split("/")[0].split(PERTURBED)[0] == top
             and r.path.split("/")[1:] == rest
